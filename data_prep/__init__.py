@@ -1,0 +1,1 @@
+"""Raw BookCorpus-like text -> a trained SentencePiece tokenizer -> packed WebDataset shards + manifest."""

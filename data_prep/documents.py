@@ -1,0 +1,134 @@
+"""Cleaning documents and splitting them into train and validation passages (runs inside the workers).
+
+Cleaning is deliberately light, and lossless with respect to what is trained on: the decoded tokens of a
+document give back exactly its cleaned text.
+- invalid UTF-8 is replaced by U+FFFD and counted;
+- line endings are normalized to "\\n";
+- U+2581 (SentencePiece's whitespace marker "▁", which would decode as a space) becomes a space, counted;
+- a leading byte-order mark is dropped; whitespace-only documents are dropped.
+
+Splitting: a document is cut at paragraph breaks into passages of about `passage_chars`; each passage goes
+to validation when the hash of its content falls under `val_fraction`. Identical passages therefore always
+land in the same split (a passage never appears in both), the split does not depend on file order or worker
+count, and a corpus of a handful of books still gets a real validation set.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+from dataclasses import dataclass
+
+from data_prep.sources import KIND_JSONL
+
+SPLIT_TRAIN, SPLIT_VAL = 0, 1
+SPLIT_NAMES = ("train", "val")
+SPACE_MARKER = "\u2581"
+
+_replacements = 0
+
+
+def _count_and_replace(error: UnicodeError) -> tuple[str, int]:
+    global _replacements
+    assert isinstance(error, UnicodeDecodeError)
+    _replacements += 1
+    return "\ufffd", error.end
+
+
+codecs.register_error("data_prep_count_replace", _count_and_replace)
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """Decode UTF-8, replacing each invalid sequence by U+FFFD; returns the text and the replacements."""
+    global _replacements
+    _replacements = 0
+    text = data.decode("utf-8", errors="data_prep_count_replace")
+    return text, _replacements
+
+
+@dataclass
+class CleanStats:
+    invalid_utf8_replaced: int = 0
+    space_markers_replaced: int = 0
+    empty_documents: int = 0
+    invalid_json_lines: int = 0
+
+
+def extract_text(kind: str, raw: bytes, text_field: str, stats: CleanStats) -> str | None:
+    """The document's text (None when the record is unusable), decoded and counted into `stats`."""
+    text, replaced = decode_utf8(raw)
+    stats.invalid_utf8_replaced += replaced
+    if kind == KIND_JSONL:
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            stats.invalid_json_lines += 1
+            return None
+        value = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            stats.invalid_json_lines += 1
+            return None
+        text = value
+    return text
+
+
+def clean_text(text: str, stats: CleanStats) -> str | None:
+    """Normalize one document; None when nothing but whitespace is left."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    markers = text.count(SPACE_MARKER)
+    if markers:
+        stats.space_markers_replaced += markers
+        text = text.replace(SPACE_MARKER, " ")
+    if not text.strip():
+        stats.empty_documents += 1
+        return None
+    return text
+
+
+def document_hash(text: str) -> bytes:
+    """Content hash used for exact deduplication (16 bytes: collisions are not a practical concern)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def passages(text: str, passage_chars: int) -> list[str]:
+    """Cut text into consecutive passages of at most `passage_chars`, preferring paragraph, then line, then
+    word breaks in the second half of the window. Concatenating the passages gives back `text` exactly."""
+    pieces: list[str] = []
+    start, length = 0, len(text)
+    while length - start > passage_chars:
+        low, high = start + passage_chars // 2, start + passage_chars
+        end = -1
+        for separator in ("\n\n", "\n", " "):
+            cut = text.rfind(separator, low, high)
+            if cut != -1:
+                end = cut + len(separator)
+                break
+        if end == -1:
+            end = high
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+def passage_split(passage: str, val_fraction: float) -> int:
+    if val_fraction <= 0.0:
+        return SPLIT_TRAIN
+    digest = hashlib.blake2b(passage.encode("utf-8"), digest_size=8, person=b"split").digest()
+    return SPLIT_VAL if int.from_bytes(digest, "little") < val_fraction * 2.0**64 else SPLIT_TRAIN
+
+
+def split_runs(text: str, passage_chars: int, val_fraction: float) -> list[tuple[int, str]]:
+    """The document as runs of consecutive passages of one split: [(split, text), ...] in order."""
+    runs: list[tuple[int, list[str]]] = []
+    for passage in passages(text, passage_chars):
+        split = passage_split(passage, val_fraction)
+        if runs and runs[-1][0] == split:
+            runs[-1][1].append(passage)
+        else:
+            runs.append((split, [passage]))
+    return [(split, "".join(parts)) for split, parts in runs]

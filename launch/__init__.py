@@ -1,0 +1,1 @@
+"""Starting training runs: torchrun, the DeepSpeed launcher and Slurm (see issue: launch on clusters)."""
