@@ -90,9 +90,7 @@ class PrepConfig:
     def __post_init__(self) -> None:
         problems = ConfigProblems()
         problems.check(self.seq_len >= 1, "seq_len", self.seq_len, "must be >= 1")
-        problems.check(
-            0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "must be in [0, 1)"
-        )
+        problems.check(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "must be in [0, 1)")
         problems.check(
             self.split_passage_chars >= 256,
             "split_passage_chars",
@@ -136,9 +134,7 @@ class PrepConfig:
             "must be in [0.9, 1.0]",
         )
         problems.check(tok.sample_lines >= 100, "tokenizer.sample_lines", tok.sample_lines, "must be >= 100")
-        problems.check(
-            tok.max_line_bytes >= 64, "tokenizer.max_line_bytes", tok.max_line_bytes, "must be >= 64"
-        )
+        problems.check(tok.max_line_bytes >= 64, "tokenizer.max_line_bytes", tok.max_line_bytes, "must be >= 64")
         if tok.model_path is not None:
             problems.check(
                 os.path.isfile(tok.model_path),

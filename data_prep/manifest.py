@@ -99,8 +99,7 @@ def load_manifest(root: str | Path) -> Manifest:
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
         raise UserError(
-            f"{path} not found: {root} is not a prepared dataset; run `python -m data_prep ... "
-            f"output_dir={root}` first"
+            f"{path} not found: {root} is not a prepared dataset; run `python -m data_prep ... output_dir={root}` first"
         )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))

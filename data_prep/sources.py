@@ -99,9 +99,7 @@ def discover(patterns: list[str]) -> list[InputFile]:
         )
     if unsupported:
         raise UserError(
-            "input: unsupported file type: "
-            + ", ".join(unsupported)
-            + f"; give files ending in {', '.join(SUFFIXES)}"
+            "input: unsupported file type: " + ", ".join(unsupported) + f"; give files ending in {', '.join(SUFFIXES)}"
         )
     if not found:
         raise UserError(
@@ -112,7 +110,7 @@ def discover(patterns: list[str]) -> list[InputFile]:
 
 
 def _open(path: str):  # -> BinaryIO
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 def _iter_documents(files: list[InputFile], report: ReadReport) -> Iterator[tuple[str, bytes]]:

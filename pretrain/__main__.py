@@ -1,0 +1,34 @@
+"""`python -m pretrain data_dir=DIR run_dir=RUN model=tiny ...`; the same under torchrun or deepspeed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cli.app import run_app
+from data_prep.manifest import MANIFEST_NAME, load_manifest
+from pretrain.config import RunConfig, register_configs, validate_run
+
+
+def train(config: RunConfig) -> int:
+    # Every config problem is reported before any process group, engine or data loader starts.
+    manifest = load_manifest(config.data_dir) if (Path(config.data_dir) / MANIFEST_NAME).is_file() else None
+    validate_run(config, manifest, int(os.environ.get("WORLD_SIZE", "1")))
+    # Imported here so that `--help` and config errors do not pay for importing DeepSpeed.
+    from pretrain.distributed import init_distributed, shutdown
+    from pretrain.trainer import Trainer
+
+    world = init_distributed()
+    try:
+        return Trainer(config, world).run()
+    finally:
+        shutdown()
+
+
+def main() -> None:
+    register_configs()
+    run_app("train", train)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""A concise console line per log interval and per evaluation (global rank 0 only)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pretrain.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from pretrain.trainer import Trainer
+
+
+class ConsoleLogger(Callback):
+    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if trainer.world.is_main:
+            skipped = f" | skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
+            print(
+                f"step {metrics['step']:>6}/{trainer.config.train.max_steps} | loss {metrics['loss']:.4f} | "
+                f"lr {metrics['lr']:.2e} | grad_norm {metrics['grad_norm']:.3f} | "
+                f"{metrics.get('tokens_per_second', 0.0):,.0f} tok/s | tokens {metrics['tokens']:,}{skipped}",
+                flush=True,
+            )
+
+    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if trainer.world.is_main:
+            print(
+                f"eval {metrics['step']:>6} | val_loss {metrics['val_loss']:.4f} | "
+                f"val_perplexity {metrics['val_perplexity']:.2f} | {metrics['eval_samples']} samples",
+                flush=True,
+            )

@@ -1,0 +1,31 @@
+"""Tokens per second and achieved FLOP/s over each log interval (adds fields to the log metrics).
+
+The clock is the time spent inside training steps (data wait included), so evaluations and checkpoint saves
+inside an interval do not dilute the figure.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pretrain.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from pretrain.trainer import Trainer
+
+
+class Throughput(Callback):
+    def __init__(self, flops_per_token: float) -> None:
+        self.flops_per_token = flops_per_token
+        self._seconds = 0.0
+        self._tokens = 0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._seconds, self._tokens = trainer.step_seconds, trainer.state.consumed_tokens
+
+    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        tokens = trainer.state.consumed_tokens - self._tokens
+        seconds = max(trainer.step_seconds - self._seconds, 1e-9)
+        metrics["tokens_per_second"] = tokens / seconds
+        metrics["flops_per_second"] = tokens * self.flops_per_token / seconds
+        self._seconds, self._tokens = trainer.step_seconds, trainer.state.consumed_tokens

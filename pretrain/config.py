@@ -1,0 +1,164 @@
+"""Typed configuration of `python -m pretrain`, registered with Hydra's ConfigStore.
+
+`conf/train.yaml` composes it: `model=<preset>` picks conf/model/<preset>.yaml, `experiment=<name>` applies
+conf/experiment/<name>.yaml. Field checks run in `__post_init__`; checks that need the dataset's manifest and
+the world size run in `validate_run`, at start-up before any heavy work, and every problem is reported in
+one message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from cli.errors import ConfigProblems
+from data_prep.manifest import Manifest
+from pretrain.model import ModelConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimization: batch arithmetic, AdamW, schedule, logging cadence."""
+
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    # Samples per optimizer step over all data-parallel ranks; accumulation steps are derived from it.
+    global_batch_size: int = 64
+    lr: float = 6e-4
+    # Cosine decay ends at lr * min_lr_ratio.
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    # Steps of cosine decay after warmup ends; defaults to the rest of max_steps.
+    decay_steps: int | None = None
+    # AdamW weight decay, applied to matrices only (linear and embedding weights), not to biases or norms.
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Gradient clipping by global norm; 0 disables.
+    grad_clip: float = 1.0
+    # Steps between console lines and metrics.jsonl entries.
+    log_interval: int = 10
+    # DataLoader worker processes per rank.
+    num_workers: int = 2
+    # Non-finite losses in a row that stop the run (after a checkpoint); each one skips its step.
+    max_nonfinite_steps: int = 5
+    # torch.compile the model before wrapping it.
+    compile: bool = False
+    # Append the sample numbers each rank consumes at each step to <run_dir>/samples-rank<R>.jsonl (an audit
+    # of the data order: which samples every step saw, across restarts).
+    trace_samples: bool = False
+
+
+@dataclass
+class EvalConfig:
+    # Steps between evaluations; 0 evaluates only at the end.
+    interval: int = 100
+    # Validation samples evaluated (the split's first ones: the same set every time).
+    samples: int = 256
+    at_end: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    # Steps between checkpoints; 0 saves only at the end and on a signal.
+    interval: int = 500
+    # Complete checkpoints kept; older ones are deleted once a newer one is complete.
+    keep_last: int = 3
+
+
+@dataclass
+class RunConfig:
+    """One pretraining run: dataset, run directory, model, optimization, parallelism."""
+
+    # A dataset directory written by `python -m data_prep` (manifest.json, shards, tokenizer.model).
+    data_dir: str = "data"
+    # Checkpoints, metrics.jsonl and the resolved config; running again resumes from here.
+    run_dir: str = "runs/default"
+    seed: int = 1234
+    # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters).
+    zero_stage: int = 0
+    precision: str = "fp32"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Extra DeepSpeed config keys, merged over the generated config (e.g. {"zero_optimization": {...}}).
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.field_problems().raise_if_any()
+
+    def field_problems(self) -> ConfigProblems:
+        problems = self.model.problems()
+        train = self.train
+        problems.check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        problems.check(self.precision in PRECISIONS, "precision", self.precision, "must be fp32, bf16 or fp16")
+        for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval"):
+            value = getattr(train, key)
+            problems.check(value >= 1, f"train.{key}", value, "must be >= 1")
+        problems.check(train.lr > 0, "train.lr", train.lr, "must be > 0")
+        problems.check(0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", train.min_lr_ratio, "must be in [0, 1]")
+        problems.check(train.warmup_steps >= 0, "train.warmup_steps", train.warmup_steps, "must be >= 0")
+        problems.check(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "must be >= 0")
+        problems.check(train.grad_clip >= 0, "train.grad_clip", train.grad_clip, "must be >= 0 (0 disables)")
+        problems.check(train.num_workers >= 0, "train.num_workers", train.num_workers, "must be >= 0")
+        problems.check(
+            train.max_nonfinite_steps >= 1,
+            "train.max_nonfinite_steps",
+            train.max_nonfinite_steps,
+            "must be >= 1",
+        )
+        problems.check(self.eval.interval >= 0, "eval.interval", self.eval.interval, "must be >= 0")
+        problems.check(self.eval.samples >= 1, "eval.samples", self.eval.samples, "must be >= 1")
+        problems.check(self.checkpoint.interval >= 0, "checkpoint.interval", self.checkpoint.interval, "must be >= 0")
+        problems.check(
+            self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, "must be >= 1"
+        )
+        problems.check(bool(self.run_dir), "run_dir", self.run_dir, "must name a directory")
+        return problems
+
+    def accumulation_steps(self, data_parallel_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * data_parallel_size)
+
+
+def validate_run(config: RunConfig, manifest: Manifest | None, world_size: int) -> None:
+    """Every check that needs the dataset and the world size, all reported at once."""
+    problems = config.field_problems()
+    train, model = config.train, config.model
+    per_step = train.micro_batch_size * world_size
+    if train.micro_batch_size >= 1 and train.global_batch_size % per_step:
+        problems.add(
+            "train.global_batch_size",
+            train.global_batch_size,
+            f"must be a multiple of train.micro_batch_size ({train.micro_batch_size}) x data-parallel size "
+            f"({world_size}) = {per_step}",
+        )
+    if manifest is None:
+        problems.add("data_dir", config.data_dir, "holds no manifest.json: run python -m data_prep first")
+    else:
+        if model.vocab_size is not None and model.vocab_size != manifest.vocab_size:
+            problems.add(
+                "model.vocab_size",
+                model.vocab_size,
+                f"differs from the dataset's vocabulary ({manifest.vocab_size}); leave it unset to take the dataset's",
+            )
+        if manifest.seq_len > model.max_seq_len:
+            problems.add(
+                "model.max_seq_len",
+                model.max_seq_len,
+                f"is shorter than the dataset's seq_len ({manifest.seq_len}); raise it or prepare shorter samples",
+            )
+        if not manifest.splits.get("train") or manifest.splits["train"].samples == 0:
+            problems.add("data_dir", config.data_dir, "has no training samples")
+    problems.raise_if_any()
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=RunConfig)
+    store.store(group="model", name="model_schema", node=ModelConfig)

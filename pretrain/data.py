@@ -1,0 +1,251 @@
+"""Reading the WebDataset shards for training: a global sample order and a cursor that resume exactly.
+
+Why not a streaming `webdataset.WebDataset` pipeline: its position lives in per-worker shard iterators and a
+shuffle buffer, so it cannot resume mid-epoch (its maintainers decline to add that), and changing the number
+of ranks or workers changes which samples come next. Here the shards stay plain WebDataset tars, but every
+sample's byte offset is indexed once from the tar headers, so any sample is one `pread` away:
+
+- the order of epoch `e` is a permutation of all training samples seeded by `(seed, e)`;
+- the *global position* `p` (a count of samples consumed since the start, across epochs) maps to sample
+  `perm_{p // N}[p % N]`;
+- an optimizer step consumes positions `[c, c + global_batch)`; micro-batch `m` of data-parallel rank `r`
+  takes `c + (m * dp + r) * micro_batch + [0, micro_batch)`.
+
+So the cursor `c = consumed_samples` is the whole data state: it does not depend on world size or worker
+count, and resuming at `c` with any layout continues with exactly the samples an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cli.errors import UserError
+from data_prep.manifest import Manifest
+
+BLOCK = 512
+
+
+@dataclass
+class ShardIndex:
+    """Where each sample's arrays are: shard number, byte offset and size of tokens.npy and doc_starts.npy."""
+
+    paths: list[str]
+    shard: np.ndarray  # (N,) int32
+    tokens_offset: np.ndarray  # (N,) int64
+    tokens_size: np.ndarray  # (N,) int32
+    starts_offset: np.ndarray  # (N,) int64, -1 when the sample has no doc_starts.npy
+    starts_size: np.ndarray  # (N,) int32
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+
+def _scan_tar(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """{key: {extension: (data offset, size)}} from the tar headers alone (data is skipped, not read)."""
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    with open(path, "rb") as handle:
+        offset = 0
+        while True:
+            header = handle.read(BLOCK)
+            if len(header) < BLOCK or header == bytes(BLOCK):
+                break
+            name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
+            if prefix:
+                name = f"{prefix}/{name}"
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            kind = header[156:157]
+            data_offset = offset + BLOCK
+            if kind in (b"0", b"\0"):
+                key, _, extension = name.partition(".")
+                members.setdefault(key, {})[extension] = (data_offset, size)
+            offset = data_offset + -(-size // BLOCK) * BLOCK
+            handle.seek(offset)
+    return members
+
+
+def build_index(root: Path, manifest: Manifest, split: str, cache_dir: Path | None) -> ShardIndex:
+    """Index a split's shards (cached in `cache_dir`, keyed by the shards' sha256)."""
+    paths = [str(p) for p in manifest.shard_paths(root, split)]
+    key = hashlib.sha256("".join(s.sha256 for s in manifest.splits[split].shards).encode()).hexdigest()[:20]
+    cached = cache_dir / f"index-{split}-{key}.npz" if cache_dir else None
+    if cached is not None and cached.is_file():
+        arrays = np.load(cached)
+        return ShardIndex(paths, *(arrays[name] for name in ShardIndex.__dataclass_fields__ if name != "paths"))
+    rows: list[tuple[int, int, int, int, int]] = []
+    for number, (path, info) in enumerate(zip(paths, manifest.splits[split].shards, strict=True)):
+        if not os.path.isfile(path):
+            raise UserError(f"shard {path} listed in the manifest is missing; prepare the dataset again")
+        members = _scan_tar(Path(path))
+        for sample_key in sorted(members):
+            arrays = members[sample_key]
+            if "tokens.npy" not in arrays:
+                continue
+            starts = arrays.get("doc_starts.npy", (-1, 0))
+            rows.append((number, *arrays["tokens.npy"], *starts))
+        found = sum(1 for row in rows if row[0] == number)
+        if found != info.samples:
+            raise UserError(
+                f"shard {path} holds {found} samples but the manifest says {info.samples} (corrupt or replaced); "
+                "check it with `python -m data_prep.inspect`"
+            )
+    table = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
+    index = ShardIndex(
+        paths,
+        table[:, 0].astype(np.int32),
+        table[:, 1],
+        table[:, 2].astype(np.int32),
+        table[:, 3],
+        table[:, 4].astype(np.int32),
+    )
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.npz")
+        np.savez(temp, **{n: getattr(index, n) for n in ShardIndex.__dataclass_fields__ if n != "paths"})
+        os.replace(temp, cached)
+    return index
+
+
+class TokenSamples(Dataset):
+    """Map-style view of one split: `dataset[i]` is (tokens (L+1,), segment ids (L,)) of sample i."""
+
+    def __init__(self, index: ShardIndex, seq_len: int) -> None:
+        self.index = index
+        self.seq_len = seq_len
+        self._handles: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _read(self, shard: int, offset: int, size: int) -> np.ndarray:
+        descriptor = self._handles.get(shard)
+        if descriptor is None:  # opened lazily, so each DataLoader worker has its own descriptors
+            descriptor = self._handles[shard] = os.open(self.index.paths[shard], os.O_RDONLY)
+        data = os.pread(descriptor, size, offset)
+        if len(data) != size:
+            raise UserError(f"shard {self.index.paths[shard]} is truncated; prepare the dataset again")
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        index = self.index
+        shard = int(index.shard[i])
+        tokens = self._read(shard, int(index.tokens_offset[i]), int(index.tokens_size[i]))
+        if len(tokens) != self.seq_len + 1:
+            raise UserError(f"sample {i} of {index.paths[shard]} has {len(tokens)} tokens, expected {self.seq_len + 1}")
+        segments = np.zeros(self.seq_len, dtype=np.int64)
+        if index.starts_offset[i] >= 0:
+            starts = self._read(shard, int(index.starts_offset[i]), int(index.starts_size[i]))
+            starts = starts[(starts > 0) & (starts < self.seq_len)]
+            segments[starts] = 1
+            segments = np.cumsum(segments)
+        return torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(segments), i
+
+    def __del__(self) -> None:
+        for descriptor in self._handles.values():
+            os.close(descriptor)
+
+
+class GlobalOrder:
+    """Global position -> sample index: a fresh permutation per epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
+        if num_samples <= 0:
+            raise UserError("the training split has no samples; prepare the dataset again")
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self._epoch, self._permutation = -1, np.arange(0)
+
+    def __call__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_samples)
+        if not self.shuffle:
+            return offset
+        if epoch != self._epoch:
+            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._epoch = epoch
+        return int(self._permutation[offset])
+
+    def epoch(self, position: int) -> int:
+        return position // self.num_samples
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's global batch is cut: micro-batches x accumulation steps x data ranks."""
+
+    micro_batch_size: int
+    accumulation_steps: int
+    data_parallel_size: int
+    data_parallel_rank: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulation_steps * self.data_parallel_size
+
+    def positions(self, cursor: int, micro_step: int) -> range:
+        """Global positions of this rank's micro-batch `micro_step` of the step starting at `cursor`."""
+        first = cursor + (micro_step * self.data_parallel_size + self.data_parallel_rank) * self.micro_batch_size
+        return range(first, first + self.micro_batch_size)
+
+
+class CursorSampler(Sampler[int]):
+    """This rank's sample indices from global position `start` on, step after step (endless)."""
+
+    def __init__(self, order: GlobalOrder, layout: BatchLayout, start: int) -> None:
+        self.order, self.layout, self.start = order, layout, start
+
+    def __iter__(self) -> Iterator[int]:
+        cursor = self.start
+        while True:
+            for micro_step in range(self.layout.accumulation_steps):
+                for position in self.layout.positions(cursor, micro_step):
+                    yield self.order(position)
+            cursor += self.layout.global_batch_size
+
+
+def collate(samples: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    tokens = torch.stack([s[0] for s in samples])  # (B, L + 1)
+    return {
+        "input_ids": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": torch.stack([s[1] for s in samples]),  # (B, L)
+        "indices": torch.tensor([s[2] for s in samples]),  # (B,) sample numbers in the split
+    }
+
+
+def train_loader(
+    dataset: TokenSamples, layout: BatchLayout, seed: int, start: int, workers: int, pin_memory: bool
+) -> DataLoader:
+    sampler = CursorSampler(GlobalOrder(len(dataset), seed), layout, start)
+    return DataLoader(
+        dataset,
+        batch_size=layout.micro_batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def eval_batches(dataset: TokenSamples, samples: int, micro_batch_size: int, rank: int, world: int):
+    """The fixed validation set (the split's first `samples` samples), cut into micro-batches and dealt to
+    ranks round-robin. Every rank gets the same number of batches (ZeRO-3 gathers parameters collectively),
+    padded with zero-weight copies of sample 0; yields (batch, weight (B,) of 1 for real samples, 0 for pads)."""
+    total = min(samples, len(dataset))
+    batches = -(-total // micro_batch_size)
+    rounds = -(-batches // world)
+    for round_index in range(rounds):
+        batch_index = round_index * world + rank
+        first = batch_index * micro_batch_size
+        positions = [first + i for i in range(micro_batch_size)]
+        weights = torch.tensor([1.0 if p < total else 0.0 for p in positions])
+        yield collate([dataset[p if p < total else 0] for p in positions]), weights

@@ -1,0 +1,127 @@
+"""The one place where the single-device model meets DeepSpeed.
+
+In order: (1) AdamW over two parameter groups (decay on matrices only); (2) the warmup + cosine schedule;
+(3) the DeepSpeed config generated from the typed run config, with `deepspeed: {...}` merged over it;
+(4) `deepspeed.initialize`, which applies ZeRO partitioning, mixed precision and gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from pretrain.config import RunConfig
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that clips, records the pre-clip gradient norm, and skips a step whose norm is not finite.
+
+    DeepSpeed's ZeRO-1/2/3, bf16 and fp16 optimizers already skip such steps (setting `overflow`, which makes
+    the engine leave the LR schedule alone and report `was_step_applied() == False`). Under ZeRO-0 in fp32 the
+    engine calls the client optimizer directly; this gives it the same contract.
+    """
+
+    def __init__(self, params: Any, max_norm: float, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self.overflow = False
+        self._global_grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        limit = self.max_norm if self.max_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+        self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (linear and embedding weights) only, never on biases or LayerNorm."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for parameter in model.parameters():  # .parameters() yields a tied weight once
+        if not parameter.requires_grad or id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_multiplier(step: int, warmup: int, decay: int, min_ratio: float) -> float:
+    """Linear warmup from 0 to 1 over `warmup` steps, then cosine decay to `min_ratio` over `decay` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, decay))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(config: RunConfig, data_parallel_size: int) -> dict[str, Any]:
+    train = config.train
+    generated: dict[str, Any] = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": config.accumulation_steps(data_parallel_size),
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": config.zero_stage},
+        "bf16": {"enabled": config.precision == "bf16"},
+        "fp16": {
+            "enabled": config.precision == "fp16",
+            "loss_scale": 0,  # dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        # Our AdamW is torch's: DeepSpeed handles it under ZeRO but asks for this acknowledgement.
+        "zero_allow_untested_optimizer": True,
+        # Logging is ours (callbacks); keep DeepSpeed's periodic prints out of the console.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return merge(generated, config.deepspeed)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_engine(model: nn.Module, config: RunConfig, data_parallel_size: int, device: torch.device):
+    """Wrap `model` in a DeepSpeed engine; returns (engine, lr_scheduler)."""
+    import deepspeed
+
+    train = config.train
+    groups = parameter_groups(model, train.weight_decay)
+    settings = {
+        "lr": train.lr,
+        "betas": (train.beta1, train.beta2),
+        "eps": train.eps,
+        "fused": device.type == "cuda",
+    }
+    guarded = config.zero_stage == 0 and config.precision == "fp32"
+    optimizer = GuardedAdamW(groups, train.grad_clip, **settings) if guarded else torch.optim.AdamW(groups, **settings)
+    decay = train.decay_steps if train.decay_steps is not None else max(1, train.max_steps - train.warmup_steps)
+    scheduler = LambdaLR(optimizer, lambda step: lr_multiplier(step, train.warmup_steps, decay, train.min_lr_ratio))
+    ds_config = deepspeed_config(config, data_parallel_size)
+    if guarded:
+        ds_config["gradient_clipping"] = 0.0  # GuardedAdamW clips, and so knows the pre-clip norm
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, scheduler

@@ -1,0 +1,251 @@
+"""What comes out equals what went in: the shards, read with plain webdataset and decoded with the dataset's
+tokenizer, give back exactly the cleaned source text cut into its train and validation runs.
+
+The expected side is computed here from the input files, independently of data_prep's reading, batching,
+deduplication and packing code; only the cleaning and splitting rules (data_prep.documents) are shared, since
+they define what "the cleaned text" is.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sentencepiece as spm
+import webdataset as wds
+
+from data_prep.documents import SPLIT_NAMES, CleanStats, clean_text, decode_utf8, split_runs
+from tests.support import run_module
+
+# ---- reading a prepared dataset (plain webdataset, no code of data_prep) ---------------------------------
+
+
+def load_manifest_json(root: Path) -> dict[str, Any]:
+    return json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+
+
+def read_samples(root: Path, manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    urls = [str(root / shard["name"]) for shard in manifest["splits"][split]["shards"]]
+    if not urls:
+        return []
+    return list(wds.WebDataset(urls, shardshuffle=False).decode())
+
+
+def token_stream(samples: list[dict[str, Any]], seq_len: int) -> np.ndarray:
+    """The split's token stream: sample i covers stream tokens [i*L, i*L+L+1), so consecutive samples share
+    one token, which is checked here."""
+    if not samples:
+        return np.zeros(0, dtype=np.int64)
+    pieces = [samples[0]["tokens.npy"][:1]]
+    for i, sample in enumerate(samples):
+        tokens = sample["tokens.npy"]
+        assert tokens.shape == (seq_len + 1,), f"sample {i} has shape {tokens.shape}"
+        if i:
+            previous = samples[i - 1]["tokens.npy"]
+            assert tokens[0] == previous[-1], f"sample {i} does not start with the last token of sample {i - 1}"
+        pieces.append(tokens[1:])
+    return np.concatenate(pieces).astype(np.int64)
+
+
+def expected_doc_starts(stream: np.ndarray, eos: int, seq_len: int, index: int) -> np.ndarray:
+    """Positions inside sample `index` where a document begins: stream start, or right after an EOS."""
+    begins = np.concatenate([[True], stream[:-1] == eos])
+    return np.flatnonzero(begins[index * seq_len : index * seq_len + seq_len + 1])
+
+
+def split_at_eos(stream: np.ndarray, eos: int) -> tuple[list[list[int]], list[int]]:
+    """The EOS-terminated runs of the stream, and the unterminated tail after the last EOS."""
+    ends = np.flatnonzero(stream == eos)
+    runs, begin = [], 0
+    for end in ends:
+        runs.append(stream[begin:end].tolist())
+        begin = end + 1
+    return runs, stream[begin:].tolist()
+
+
+# ---- the expected side, from the input files ---------------------------------------------------------------
+
+
+def source_documents(paths: list[Path], text_field: str = "text") -> list[str]:
+    """Cleaned, exactly deduplicated documents in input order (sorted real paths): one per text file, one per
+    usable JSONL record; .gz inputs are decompressed."""
+    stats = CleanStats()
+    documents: list[str] = []
+    seen: set[str] = set()
+    for path in sorted(paths, key=lambda p: os.path.realpath(p)):
+        raw = path.read_bytes()
+        if path.name.endswith(".gz"):
+            raw = gzip.decompress(raw)
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            texts = []
+            for line in raw.split(b"\n"):
+                try:
+                    record = json.loads(decode_utf8(line)[0]) if line.strip() else None
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get(text_field), str):
+                    texts.append(record[text_field])
+        else:
+            texts = [decode_utf8(raw)[0]]
+        for text in texts:
+            cleaned = clean_text(text, stats)
+            if cleaned is not None and cleaned not in seen:
+                seen.add(cleaned)
+                documents.append(cleaned)
+    return documents
+
+
+def expected_runs(documents: list[str], passage_chars: int, val_fraction: float) -> dict[str, list[str]]:
+    runs: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
+    for document in documents:
+        for split, text in split_runs(document, passage_chars, val_fraction):
+            runs[SPLIT_NAMES[split]].append(text)
+    return runs
+
+
+@dataclass
+class DecodedSplit:
+    runs: list[str]  # complete runs (EOS-terminated), decoded
+    tail: str  # the partial run the samples end in, decoded
+
+
+def decode_dataset(root: Path) -> dict[str, DecodedSplit]:
+    manifest = load_manifest_json(root)
+    processor = spm.SentencePieceProcessor(model_file=str(root / "tokenizer.model"))
+    eos = manifest["special_ids"]["eos"]
+    decoded = {}
+    for split in SPLIT_NAMES:
+        stream = token_stream(read_samples(root, manifest, split), manifest["seq_len"])
+        runs, tail = split_at_eos(stream, eos)
+        decoded[split] = DecodedSplit([processor.decode(run) for run in runs], processor.decode(tail))
+    return decoded
+
+
+def assert_round_trip(root: Path, documents: list[str]) -> None:
+    """Shards of `root` == `documents` cleaned and cut into split runs, token for token and character for
+    character, with doc_starts agreeing with the EOS positions and the manifest's counts with the shards."""
+    manifest = load_manifest_json(root)
+    seq_len, eos = manifest["seq_len"], manifest["special_ids"]["eos"]
+    config = manifest["config"]
+    processor = spm.SentencePieceProcessor(model_file=str(root / "tokenizer.model"))
+    assert processor.eos_id() == eos
+    assert processor.get_piece_size() == manifest["vocab_size"]
+    runs = expected_runs(documents, config["split_passage_chars"], config["val_fraction"])
+    for split in SPLIT_NAMES:
+        info = manifest["splits"][split]
+        samples = read_samples(root, manifest, split)
+        assert len(samples) == info["samples"] == sum(shard["samples"] for shard in info["shards"])
+        assert [s["__key__"] for s in samples] == [f"{split}-{i:010d}" for i in range(len(samples))]
+        for sample in samples:
+            assert sample["tokens.npy"].dtype == np.dtype(manifest["dtype"])
+        stream = token_stream(samples, seq_len)
+        for i, sample in enumerate(samples):
+            np.testing.assert_array_equal(
+                sample["doc_starts.npy"], expected_doc_starts(stream, eos, seq_len, i), err_msg=f"{split} {i}"
+            )
+        complete, tail = split_at_eos(stream, eos)
+        decoded = [processor.decode(run) for run in complete]
+        assert len(decoded) <= len(runs[split])
+        for i, (got, want) in enumerate(zip(decoded, runs[split], strict=False)):
+            assert got == want, f"{split} run {i} differs: {_first_difference(got, want)}"
+        # The samples end inside the remaining runs: their tokens must be a prefix of those runs' tokens.
+        rest: list[int] = []
+        for text in runs[split][len(decoded) :]:
+            rest += [*processor.encode(text), eos]
+        assert tail == rest[: len(tail)], f"{split}: the last sample's tokens are not the next run's"
+        dropped = len(rest) - len(tail)
+        assert 0 <= dropped < max(seq_len, 1) or not samples
+        assert len(stream) + dropped == info["tokens"], f"{split}: manifest tokens disagree with the shards"
+        assert info["documents"] == len(runs[split])
+    assert manifest["documents"] == len(documents)
+
+
+def _first_difference(got: str, want: str) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+    return f"at char {at}: got {got[at - 20 : at + 20]!r}, want {want[at - 20 : at + 20]!r} ({len(got)} vs {len(want)})"
+
+
+# ---- tests --------------------------------------------------------------------------------------------------
+
+
+def test_shards_decode_to_the_cleaned_source_text(tiny_dataset: Path, small_corpus: Path) -> None:
+    documents = source_documents(sorted(small_corpus.glob("*.txt")))
+    assert len(documents) >= 2
+    assert_round_trip(tiny_dataset, documents)
+    manifest = load_manifest_json(tiny_dataset)
+    assert manifest["splits"]["train"]["samples"] > 1000 and manifest["splits"]["val"]["samples"] > 10
+    assert len(manifest["splits"]["train"]["shards"]) > 1
+
+
+def _book_paragraphs(book: Path) -> list[str]:
+    text = decode_utf8(book.read_bytes())[0].replace("\r\n", "\n")
+    return [p for p in text.split("\n\n") if p.strip()]
+
+
+def test_jsonl_gz_and_txt_gz_inputs_round_trip(tmp_path: Path, small_corpus: Path) -> None:
+    books = sorted(small_corpus.glob("*.txt"))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    paragraphs = _book_paragraphs(books[0])[:400]
+    lines = [json.dumps({"id": i, "body": p}) for i, p in enumerate(paragraphs[:200])]
+    # Unusable lines: broken JSON, a record without the field, a non-string field, a JSON array.
+    lines[10:10] = ['{"body": "cut short', '{"id": 7}', '{"body": 12}', '["body", "a list"]']
+    (inputs / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    gz_records = [json.dumps({"body": p}, ensure_ascii=False) for p in paragraphs[200:]]
+    (inputs / "b.jsonl.gz").write_bytes(gzip.compress("\r\n".join(gz_records).encode("utf-8")))
+    (inputs / "c.txt.gz").write_bytes(gzip.compress(books[1].read_bytes()[:150_000]))
+    out = tmp_path / "out"
+    run_module(
+        "data_prep",
+        f"input=[{inputs}]",
+        f"output_dir={out}",
+        "text_field=body",
+        "seq_len=32",
+        "tokenizer.vocab_size=512",
+        "val_fraction=0.2",
+        "split_passage_chars=1024",
+        "num_workers=2",
+        "task_mb=0.05",
+        check=True,
+    )
+    manifest = load_manifest_json(out)
+    assert manifest["cleaning"]["invalid_json_lines"] == 4
+    assert manifest["inputs"]["files"] == 3
+    documents = source_documents(sorted(inputs.iterdir()), text_field="body")
+    assert len(documents) > 350
+    assert manifest["cleaning"]["documents_read"] == len(documents) + manifest["cleaning"]["duplicates_removed"]
+    assert_round_trip(out, documents)
+
+
+def test_jsonl_lone_surrogate_escape_is_replaced_and_counted(tmp_path: Path, small_corpus: Path) -> None:
+    """JSON may escape a lone surrogate ("\\ud800", common in scraped text); it is not encodable UTF-8, so
+    it must be replaced like an invalid byte sequence, not crash a worker."""
+    paragraphs = _book_paragraphs(sorted(small_corpus.glob("*.txt"))[0])[:300]
+    # First, so that it lies well inside the samples (the end of the stream may be dropped).
+    lines = ['{"text": "half an emoji: \\ud83d and a stray low half \\udc00."}']
+    lines += [json.dumps({"text": p}) for p in paragraphs]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "scraped.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    done = run_module(
+        "data_prep",
+        f"input=[{inputs}]",
+        f"output_dir={out}",
+        "seq_len=32",
+        "tokenizer.vocab_size=512",
+        "val_fraction=0.2",
+        "split_passage_chars=1024",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    manifest = load_manifest_json(out)
+    assert manifest["cleaning"]["invalid_utf8_replaced"] == 2
+    decoded = decode_dataset(out)
+    text = "".join(run for split in decoded.values() for run in [*split.runs, split.tail])
+    assert "half an emoji: \ufffd and a stray low half \ufffd." in text
