@@ -11,7 +11,7 @@ Parallelism never appears here: DeepSpeed wraps this module in `pretrain/engine.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,6 @@ class ModelConfig:
     init_std: float = 0.02
     # Mask attention across document boundaries recorded in the shards (doc_starts).
     doc_mask: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
     def problems(self) -> ConfigProblems:
         problems = ConfigProblems()
