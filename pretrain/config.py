@@ -1,9 +1,9 @@
 """Typed configuration of `python -m pretrain`, registered with Hydra's ConfigStore.
 
 `conf/train.yaml` composes it: `model=<preset>` picks conf/model/<preset>.yaml, `experiment=<name>` applies
-conf/experiment/<name>.yaml. Field checks run in `__post_init__`; checks that need the dataset's manifest and
-the world size run in `validate_run`, at start-up before any heavy work, and every problem is reported in
-one message.
+conf/experiment/<name>.yaml. `validate_run` checks the fields together with what needs the dataset's manifest
+and the world size, at start-up before any process group or engine exists, and reports every problem in one
+message.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ class RunConfig:
     # Extra DeepSpeed config keys, merged over the generated config (e.g. {"zero_optimization": {...}}).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.field_problems().raise_if_any()
+    # No __post_init__ check here: some checks need the manifest and the world size, and every problem is
+    # reported in one message, so `validate_run` runs them all together at start-up.
 
     def field_problems(self) -> ConfigProblems:
         problems = self.model.problems()

@@ -7,6 +7,8 @@ reassembles them (and ZeRO-3's module file holds only placeholders).
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,12 @@ def model_state_dict(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tenso
 
 
 def load_model(run_dir: str | None, checkpoint: str | None = None, device: str = "cpu") -> LoadedModel:
+    # DeepSpeed's import and zero_to_fp32 print progress on stdout: keep stdout for the caller's output.
+    with contextlib.redirect_stdout(sys.stderr):
+        return _load_model(run_dir, checkpoint, device)
+
+
+def _load_model(run_dir: str | None, checkpoint: str | None, device: str) -> LoadedModel:
     path = resolve_checkpoint(run_dir, checkpoint)
     state = read_state(path)
     model_config = ModelConfig(**state["config"]["model"])

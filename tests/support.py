@@ -26,3 +26,49 @@ def run_module(
     if check and done.returncode != 0:
         raise AssertionError(f"{module} {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
+
+
+def torchrun_command(nproc: int, module: str, *args: str) -> list[str]:
+    """The real launcher: `torchrun --standalone --nproc_per_node N -m module args...` (gloo ranks on CPU)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *args,
+    ]
+
+
+def run_distributed(
+    nproc: int, module: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """The one helper for multi-process tests: run `module` on `nproc` real ranks and wait for it."""
+    done = subprocess.run(
+        torchrun_command(nproc, module, *args),
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"{module} {' '.join(args)} on {nproc} ranks exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+        )
+    return done
+
+
+def start_distributed(nproc: int, module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Like run_distributed, without waiting: for tests that signal or kill the run."""
+    return subprocess.Popen(
+        torchrun_command(nproc, module, *args),
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so a test can kill every rank at once
+    )

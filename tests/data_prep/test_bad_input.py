@@ -55,7 +55,11 @@ CASES = {
     ),
     "whitespace-only files": Case(lambda s: [f"input=[{_whitespace_files(s)}]"], ("input", "empty after cleaning")),
     "whitespace-only files with a given tokenizer": Case(
-        lambda s: [f"input=[{_whitespace_files(s)}]", f"tokenizer.model_path={s.tokenizer}", "tokenizer.vocab_size=null"],
+        lambda s: [
+            f"input=[{_whitespace_files(s)}]",
+            f"tokenizer.model_path={s.tokenizer}",
+            "tokenizer.vocab_size=null",
+        ],
         ("input", "empty after cleaning"),
     ),
     "a binary file alone": Case(
@@ -94,8 +98,10 @@ CASES = {
     "a corpus whose only passage goes to validation": Case(
         # One short document: its single passage is hashed into val (val_fraction=0.99), so the corpus is not
         # empty but the training split is.
-        lambda s: [f"input=[{s.write('one/note.txt', b'A short note that the split sends to validation.')}]"]
-        + ["val_fraction=0.99"],
+        lambda s: (
+            [f"input=[{s.write('one/note.txt', b'A short note that the split sends to validation.')}]"]
+            + ["val_fraction=0.99"]
+        ),
         ("training split",),
     ),
 }
