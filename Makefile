@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo
 DEMO_PROCS ?= 2
 
-.PHONY: setup demo test check lint format bench clean
+.PHONY: setup system-deps demo test check lint format bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ demo: setup
 	$(PY) -m pretrain.generate run_dir=$(DEMO_DIR)/run prompt="It was a dark and stormy night" \
 		max_new_tokens=120 temperature=0.8 top_k=50 top_p=0.95 seed=0
 
-test: setup
+# System packages some tests need (Chromium, Slurm, ...): one idempotent script each in .ci/deps/.
+system-deps:
+	@for script in .ci/deps/*.sh; do [ -e "$$script" ] || continue; bash "$$script" || exit 1; done
+
+test: setup system-deps
 	$(PY) -m pytest
 
 check: setup

@@ -15,6 +15,8 @@ from hydra.core.config_store import ConfigStore
 
 from cli.errors import ConfigProblems
 from data_prep.manifest import Manifest
+from pretrain.callbacks.carbon import CarbonConfig
+from pretrain.callbacks.wandb_run import WandbConfig
 from pretrain.model import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -43,6 +45,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     # Steps between console lines and metrics.jsonl entries.
     log_interval: int = 10
+    # Stop (checkpoint, exit 0) after this many steps in one invocation, for time-sliced jobs; 0: no limit.
+    # The schedule still follows max_steps, so N invocations of K steps equal one run of N*K steps.
+    steps_per_run: int = 0
     # DataLoader worker processes per rank.
     num_workers: int = 2
     # Non-finite losses in a row that stop the run (after a checkpoint); each one skips its step.
@@ -87,6 +92,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    carbon: CarbonConfig = field(default_factory=CarbonConfig)
     # Extra DeepSpeed config keys, merged over the generated config (e.g. {"zero_optimization": {...}}).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -106,6 +113,7 @@ class RunConfig:
         problems.check(train.warmup_steps >= 0, "train.warmup_steps", train.warmup_steps, "must be >= 0")
         problems.check(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "must be >= 0")
         problems.check(train.grad_clip >= 0, "train.grad_clip", train.grad_clip, "must be >= 0 (0 disables)")
+        problems.check(train.steps_per_run >= 0, "train.steps_per_run", train.steps_per_run, "must be >= 0")
         problems.check(train.num_workers >= 0, "train.num_workers", train.num_workers, "must be >= 0")
         problems.check(
             train.max_nonfinite_steps >= 1,

@@ -22,15 +22,8 @@ import torch
 
 from cli.app import to_container, to_yaml
 from cli.errors import UserError
-from data_prep.manifest import Manifest, load_manifest
-from pretrain.callbacks import (
-    Callback,
-    ConsoleLogger,
-    MetricsFile,
-    PeriodicCheckpoint,
-    PeriodicEvaluation,
-    Throughput,
-)
+from data_prep.manifest import Manifest, load_manifest, write_json_atomic
+from pretrain.callbacks import Callback, default_callbacks
 from pretrain.checkpoint import FAULT_ENV, Checkpointer, tag_for
 from pretrain.config import RunConfig, validate_run
 from pretrain.data import BatchLayout, TokenSamples, build_index, eval_batches, train_loader
@@ -71,14 +64,7 @@ class Trainer:
             world.world_size,
             world.rank,
         )
-        flops = config.model.flops_per_token(self.manifest.vocab_size, self.manifest.seq_len)
-        self.callbacks = callbacks or [
-            Throughput(flops),
-            PeriodicEvaluation(config.eval.interval, config.eval.at_end),
-            MetricsFile(self.run_dir / "metrics.jsonl"),
-            ConsoleLogger(),
-            PeriodicCheckpoint(config.checkpoint.interval),
-        ]
+        self.callbacks = callbacks if callbacks is not None else default_callbacks(self)
         self.checkpointer = Checkpointer(self.run_dir, config.checkpoint.keep_last, world)
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -146,6 +132,7 @@ class Trainer:
         try:
             self._dispatch("on_train_start")
             self._interval_losses: list[torch.Tensor] = []
+            first_step, per_run = self.state.step, self.config.train.steps_per_run
             while self.state.step < self.config.train.max_steps and self.stop_reason is None:
                 started = time.perf_counter()
                 self._train_step()
@@ -154,6 +141,8 @@ class Trainer:
                 if self.state.step % self.config.train.log_interval == 0:
                     self._log()
                 self._check_stop()
+                if per_run and self.state.step - first_step >= per_run and self.stop_reason is None:
+                    self.stop_reason = f"train.steps_per_run={per_run} steps done in this run"
             self.finished = self.state.step >= self.config.train.max_steps
             self._dispatch("on_train_end")
         finally:
@@ -161,6 +150,7 @@ class Trainer:
                 signal.signal(s, handler)
         if self.world.is_main:
             self._print_end()
+            self._write_status()
         return 1 if self.failed else 0
 
     def _seed_step(self) -> None:
@@ -316,6 +306,19 @@ class Trainer:
     def _dispatch(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
+
+    def _write_status(self) -> None:
+        """`RUN/status.json`: how the last invocation ended (launchers requeue a run that did not finish)."""
+        state = "finished" if self.finished else ("failed" if self.failed else "stopped")
+        write_json_atomic(
+            self.run_dir / "status.json",
+            {
+                "state": state,
+                "step": self.state.step,
+                "max_steps": self.config.train.max_steps,
+                "reason": self.stop_reason,
+            },
+        )
 
     def _print_end(self) -> None:
         where = self.run_dir / "checkpoints" / tag_for(self.state.step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -72,3 +73,19 @@ def start_distributed(nproc: int, module: str, *args: str, env: dict[str, str] |
         text=True,
         start_new_session=True,  # its own process group, so a test can kill every rank at once
     )
+
+
+def kill_tree(process: subprocess.Popen[str], sig: int = 9) -> None:
+    """Send `sig` to a launcher and every process under it (torchrun starts ranks in sessions of their own,
+    so signalling its process group alone would leave the ranks running)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(process.pid)
+        family = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(sig)
+    process.wait()

@@ -4,6 +4,7 @@ written that looks like a dataset), or, for damage that cleaning can repair, rep
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ FAST = ("seq_len=32", "tokenizer.vocab_size=512", "val_fraction=0.2", "split_pas
 
 @dataclass
 class Setting:
-    """What a bad-input case runs on: a scratch directory, real books, and a prepared dataset."""
+    """What a bad-input case runs on: a scratch directory, real books, and a real tokenizer."""
 
     tmp: Path
     books: list[Path]  # the small corpus' books, smallest first
@@ -98,10 +99,10 @@ CASES = {
     "a corpus whose only passage goes to validation": Case(
         # One short document: its single passage is hashed into val (val_fraction=0.99), so the corpus is not
         # empty but the training split is.
-        lambda s: (
-            [f"input=[{s.write('one/note.txt', b'A short note that the split sends to validation.')}]"]
-            + ["val_fraction=0.99"]
-        ),
+        lambda s: [
+            f"input=[{s.write('one/note.txt', b'A short note that the split sends to validation.')}]",
+            "val_fraction=0.99",
+        ],
         ("training split",),
     ),
 }
@@ -114,7 +115,7 @@ def setting(tmp_path: Path, small_corpus: Path, tiny_dataset: Path) -> Setting:
     return Setting(tmp_path, books, tiny_dataset / "tokenizer.model")
 
 
-def _assert_one_error_line(done, named: tuple[str, ...]) -> str:
+def _assert_one_error_line(done: subprocess.CompletedProcess[str], named: tuple[str, ...]) -> str:
     assert done.returncode == 2, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr + done.stdout
     lines = done.stderr.strip().splitlines()
@@ -127,7 +128,7 @@ def _assert_one_error_line(done, named: tuple[str, ...]) -> str:
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_exits_2_with_one_error_line(setting: Setting, name: str) -> None:
     case = CASES[name]
-    args = [a for a in case.build(setting) if a]
+    args = case.build(setting)
     out = setting.tmp / "out"
     if not any(a.startswith("output_dir=") for a in args):
         args.append(f"output_dir={out}")

@@ -64,6 +64,10 @@ def test_eval_batches_give_every_rank_the_same_count_and_cover_the_set(tiny_data
     per_rank = [list(eval_batches(dataset, samples, 2, rank, 3)) for rank in range(3)]
     assert len({len(batches) for batches in per_rank}) == 1
     real = sorted(
-        int(i) for batches in per_rank for batch, w in batches for i, wt in zip(batch["indices"], w, strict=True) if wt > 0
+        int(i)
+        for batches in per_rank
+        for batch, w in batches
+        for i, wt in zip(batch["indices"], w, strict=True)
+        if wt > 0
     )
     assert real == list(range(samples))

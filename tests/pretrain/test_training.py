@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from data_prep.manifest import load_manifest
 from pretrain.callbacks.metrics_file import read_metrics
 from pretrain.checkpoint import complete_checkpoints
 from pretrain.data import GlobalOrder
-from tests.support import run_distributed, run_module, start_distributed
+from tests.support import kill_tree, run_distributed, run_module, start_distributed
 
 # A small, fast model; everything else as a user would run it.
 SMALL = ("model=tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64", "train.num_workers=1")
@@ -90,7 +89,9 @@ def test_resume_is_exact(tiny_dataset: Path, tmp_path: Path) -> None:
     whole, split = tmp_path / "whole", tmp_path / "split"
     common = ("zero_stage=2", "train.trace_samples=true", "checkpoint.interval=0", "model.dropout=0.1")
     run_distributed(2, "pretrain", *train_args(tiny_dataset, whole, "train.max_steps=8", *common))
-    run_distributed(2, "pretrain", *train_args(tiny_dataset, split, "train.max_steps=4", *common))
+    # The first invocation stops after 4 of the 8 steps (as a preemption would), the second one resumes.
+    args = train_args(tiny_dataset, split, "train.max_steps=8", "train.steps_per_run=4", *common)
+    assert "stopped at step 4" in run_distributed(2, "pretrain", *args).stdout
     resumed = run_distributed(2, "pretrain", *train_args(tiny_dataset, split, "train.max_steps=8", *common))
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     expected, got = losses(whole), losses(split)
@@ -102,11 +103,13 @@ def test_resume_is_exact(tiny_dataset: Path, tmp_path: Path) -> None:
 
 def test_cursor_survives_a_change_of_world_size(tiny_dataset: Path, reference: Path, tmp_path: Path) -> None:
     """2 ranks for 3 steps, then 1 rank to step 6: every step sees the samples of the uninterrupted run."""
-    run_distributed(2, "pretrain", *train_args(tiny_dataset, tmp_path, "train.trace_samples=true", "train.max_steps=3"))
-    resumed = run_distributed(
-        1, "pretrain", *train_args(tiny_dataset, tmp_path, "train.trace_samples=true", "train.max_steps=6")
-    )
+    common = ("train.trace_samples=true", "train.max_steps=6")
+    run_distributed(2, "pretrain", *train_args(tiny_dataset, tmp_path, *common, "train.steps_per_run=3"))
+    resumed = run_distributed(1, "pretrain", *train_args(tiny_dataset, tmp_path, *common))
     assert "at step 3" in resumed.stdout
+    # Same schedule, same samples: the losses are the 1-rank reference's too.
+    for step, loss in losses(reference).items():
+        assert math.isclose(losses(tmp_path)[step], loss, rel_tol=1e-4, abs_tol=1e-5), step
     got, expected = traced_samples(tmp_path), traced_samples(reference)
     assert got == expected
     # And those are exactly the global order's positions 0..47: nothing repeated, nothing skipped.
@@ -132,8 +135,7 @@ def test_kill_9_during_training_resumes_from_latest_checkpoint(tiny_dataset: Pat
     process = start_distributed(2, "pretrain", *args)
     checkpoints = tmp_path / "checkpoints"
     _wait_for(lambda: len(complete_checkpoints(checkpoints)) >= 2, 300, process)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_tree(process, signal.SIGKILL)
     kept = complete_checkpoints(checkpoints)
     assert kept, "no complete checkpoint survived"
     resumed_from = int(kept[-1].name.split("-")[1])
