@@ -77,6 +77,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How ranks are arranged: pipeline stages x data-parallel replicas (world size = P x DP)."""
+
+    # Pipeline stages P (1: no pipeline); the data-parallel size is world size / P.
+    pipeline_stages: int = 1
+    # How DeepSpeed balances layers over stages: "parameters", "uniform" or "type:<LayerClass>" (e.g. type:BlockPipe).
+    partition_method: str = "parameters"
+
+
+@dataclass
 class RunConfig:
     """One pretraining run: dataset, run directory, model, optimization, parallelism."""
 
@@ -88,7 +98,12 @@ class RunConfig:
     # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters).
     zero_stage: int = 0
     precision: str = "fp32"
+    # Recompute activations in the backward pass instead of keeping them (memory for compute), every
+    # `activation_checkpointing_interval` blocks, on the plain and the pipeline path alike.
+    activation_checkpointing: bool = False
+    activation_checkpointing_interval: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -128,7 +143,46 @@ class RunConfig:
             self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, "must be >= 1"
         )
         problems.check(bool(self.run_dir), "run_dir", self.run_dir, "must name a directory")
+        problems.check(
+            self.activation_checkpointing_interval >= 1,
+            "activation_checkpointing_interval",
+            self.activation_checkpointing_interval,
+            "must be >= 1",
+        )
+        parallel = self.parallel
+        stages = parallel.pipeline_stages
+        problems.check(stages >= 1, "parallel.pipeline_stages", stages, "must be >= 1")
+        problems.check(
+            parallel.partition_method in ("parameters", "uniform") or parallel.partition_method.startswith("type:"),
+            "parallel.partition_method",
+            parallel.partition_method,
+            "must be parameters, uniform or type:<LayerClass>",
+        )
+        if stages > 1:
+            problems.check(
+                stages <= self.model.n_layer,
+                "parallel.pipeline_stages",
+                stages,
+                f"must be <= model.n_layer ({self.model.n_layer}): every stage needs at least one block",
+            )
+            problems.check(
+                self.zero_stage <= 1,
+                "zero_stage",
+                self.zero_stage,
+                f"with parallel.pipeline_stages={stages}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only "
+                "(stages 2 and 3 partition gradients and parameters across the ranks a pipeline needs whole); use "
+                "zero_stage=1 with pipelines, or parallel.pipeline_stages=1 with zero_stage=3",
+            )
+            problems.check(
+                not self.model.doc_mask,
+                "model.doc_mask",
+                self.model.doc_mask,
+                f"is not supported with parallel.pipeline_stages={stages} yet; use pipeline_stages=1 for masking",
+            )
         return problems
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return max(1, world_size // max(1, self.parallel.pipeline_stages))
 
     def accumulation_steps(self, data_parallel_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * data_parallel_size)
@@ -138,13 +192,21 @@ def validate_run(config: RunConfig, manifest: Manifest | None, world_size: int) 
     """Every check that needs the dataset and the world size, all reported at once."""
     problems = config.field_problems()
     train, model = config.train, config.model
-    per_step = train.micro_batch_size * world_size
+    stages = config.parallel.pipeline_stages
+    if stages >= 1 and world_size % stages:
+        problems.add(
+            "parallel.pipeline_stages",
+            stages,
+            f"must divide the world size ({world_size}); launch a multiple of {stages} ranks",
+        )
+    data_parallel = config.data_parallel_size(world_size)
+    per_step = train.micro_batch_size * data_parallel
     if train.micro_batch_size >= 1 and train.global_batch_size % per_step:
         problems.add(
             "train.global_batch_size",
             train.global_batch_size,
             f"must be a multiple of train.micro_batch_size ({train.micro_batch_size}) x data-parallel size "
-            f"({world_size}) = {per_step}",
+            f"({data_parallel} = world size {world_size} / pipeline stages {stages}) = {per_step}",
         )
     if manifest is None:
         problems.add("data_dir", config.data_dir, "holds no manifest.json: run python -m data_prep first")

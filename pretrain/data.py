@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,12 @@ class TokenSamples(Dataset):
     def _read(self, shard: int, offset: int, size: int) -> np.ndarray:
         descriptor = self._handles.get(shard)
         if descriptor is None:  # opened lazily, so each DataLoader worker has its own descriptors
-            descriptor = self._handles[shard] = os.open(self.index.paths[shard], os.O_RDONLY)
+            try:
+                descriptor = self._handles[shard] = os.open(self.index.paths[shard], os.O_RDONLY)
+            except FileNotFoundError:
+                raise UserError(
+                    f"shard {self.index.paths[shard]} listed in the manifest is missing; prepare the dataset again"
+                ) from None
         data = os.pread(descriptor, size, offset)
         if len(data) != size:
             raise UserError(f"shard {self.index.paths[shard]} is truncated; prepare the dataset again")
@@ -220,6 +226,14 @@ def collate(samples: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, 
     }
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # torchrun signals each rank's whole process group, DataLoader workers included. The rank finishes its
+    # step and checkpoints on that signal, and needs its workers alive to do so; they exit when the rank
+    # shuts the loader down (or dies: workers watch their parent).
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
+
+
 def train_loader(
     dataset: TokenSamples, layout: BatchLayout, seed: int, start: int, workers: int, pin_memory: bool
 ) -> DataLoader:
@@ -233,6 +247,7 @@ def train_loader(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals,
     )
 
 

@@ -1,8 +1,14 @@
 """The one place where the single-device model meets DeepSpeed.
 
-In order: (1) AdamW over two parameter groups (decay on matrices only); (2) the warmup + cosine schedule;
-(3) the DeepSpeed config generated from the typed run config, with `deepspeed: {...}` merged over it;
-(4) `deepspeed.initialize`, which applies ZeRO partitioning, mixed precision and gradient accumulation.
+In order:
+(1) the pipeline: with `parallel.pipeline_stages > 1` the plain model becomes a `PipelineModule` over the
+    same blocks and weights (pretrain/pipeline.py), which also applies activation checkpointing per layer;
+(2) activation checkpointing on the plain path: every k-th block is wrapped so its activations are
+    recomputed in the backward pass (torch's non-reentrant checkpoint, which replays dropout's RNG);
+(3) AdamW over two parameter groups (decay on matrices only) and the warmup + cosine schedule;
+(4) the DeepSpeed config generated from the typed run config, with `deepspeed: {...}` merged over it;
+(5) `deepspeed.initialize`, which applies ZeRO partitioning, mixed precision, gradient accumulation, and
+    returns a `PipelineEngine` for a `PipelineModule`.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from pretrain.config import RunConfig
+from pretrain.model import GPT
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -102,12 +109,38 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def build_engine(model: nn.Module, config: RunConfig, data_parallel_size: int, device: torch.device):
+def checkpoint_blocks(model: GPT, interval: int) -> None:
+    """Recompute the activations of every `interval`-th block in the backward pass."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    chosen = {id(block) for i, block in enumerate(model.blocks) if i % interval == 0}
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: id(m) in chosen,
+    )
+
+
+def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device: torch.device):
     """Wrap `model` in a DeepSpeed engine; returns (engine, lr_scheduler)."""
     import deepspeed
 
+    wrapped: nn.Module = model
+    interval = config.activation_checkpointing_interval if config.activation_checkpointing else 0
+    if config.parallel.pipeline_stages > 1:
+        from pretrain.pipeline import build_pipeline
+
+        wrapped = build_pipeline(model, config.parallel.pipeline_stages, config.parallel.partition_method, interval)
+    elif interval:
+        checkpoint_blocks(model, interval)
+    if config.train.compile:
+        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
     train = config.train
-    groups = parameter_groups(model, train.weight_decay)
+    groups = parameter_groups(wrapped, train.weight_decay)
     settings = {
         "lr": train.lr,
         "betas": (train.beta1, train.beta2),
@@ -122,6 +155,6 @@ def build_engine(model: nn.Module, config: RunConfig, data_parallel_size: int, d
     if guarded:
         ds_config["gradient_clipping"] = 0.0  # GuardedAdamW clips, and so knows the pre-clip norm
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, scheduler

@@ -71,7 +71,13 @@ def _load_model(run_dir: str | None, checkpoint: str | None, device: str) -> Loa
     state = read_state(path)
     model_config = ModelConfig(**state["config"]["model"])
     model = GPT(model_config)
-    weights = {k: v.float() for k, v in model_state_dict(path, int(state.get("zero_stage", 0))).items()}
+    if int(state.get("pipeline_stages", 1)) > 1:
+        from pretrain.pipeline import plain_state_dict
+
+        raw = plain_state_dict(path, model_config.n_layer)
+    else:
+        raw = model_state_dict(path, int(state.get("zero_stage", 0)))
+    weights = {k: v.float() for k, v in raw.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # lm_head.weight is tied to wte.weight: a checkpoint may store it once.
     missing = [key for key in missing if key != "lm_head.weight"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -58,12 +59,7 @@ class Trainer:
         self._saved_step = -1
         # Wall time spent inside training steps (data wait included), for throughput.
         self.step_seconds = 0.0
-        self.layout = BatchLayout(
-            config.train.micro_batch_size,
-            config.accumulation_steps(world.world_size),
-            world.world_size,
-            world.rank,
-        )
+        self.pipelined = config.parallel.pipeline_stages > 1
         self.callbacks = callbacks if callbacks is not None else default_callbacks(self)
         self.checkpointer = Checkpointer(self.run_dir, config.checkpoint.keep_last, world)
 
@@ -90,9 +86,17 @@ class Trainer:
         )
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = GPT(config.model)
-        if config.train.compile:
-            model = torch.compile(model)  # type: ignore[assignment]
-        self.engine, self.scheduler = build_engine(model, config, world.world_size, world.device)
+        self.engine, self.scheduler = build_engine(
+            model, config, config.data_parallel_size(world.world_size), world.device
+        )
+        if self.pipelined:  # the data-parallel coordinate of this rank in the pipeline x data grid
+            grid = self.engine.grid
+            data_rank, data_size = grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
+        else:
+            data_rank, data_size = world.rank, world.world_size
+        self.layout = BatchLayout(
+            config.train.micro_batch_size, config.accumulation_steps(data_size), data_size, data_rank
+        )
 
     def _restore(self) -> None:
         latest = self.checkpointer.latest()
@@ -148,10 +152,19 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self._close_loader()
         if self.world.is_main:
             self._print_end()
             self._write_status()
         return 1 if self.failed else 0
+
+    def _close_loader(self) -> None:
+        # Shut the DataLoader's workers down now: they ignore stop signals (see data._ignore_stop_signals), so
+        # multiprocessing's exit-time terminate() would not end them and the rank would wait on them forever.
+        iterator = self.__dict__.pop("_batches", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def _seed_step(self) -> None:
         # Dropout randomness as a function of (seed, step, rank): a resumed run draws exactly what an
@@ -162,25 +175,9 @@ class Trainer:
     def _train_step(self) -> None:
         self._seed_step()
         self.engine.train()
-        losses = []
-        use_segments = self.config.model.doc_mask
-        device = self.world.device
         consumed: list[int] = []
-        for micro_step in range(self.layout.accumulation_steps):
-            batch = next(self._batches)
-            consumed += batch["indices"].tolist()
-            loss = self.engine(
-                batch["input_ids"].to(device, non_blocking=True),
-                batch["targets"].to(device, non_blocking=True),
-                batch["segment_ids"].to(device, non_blocking=True) if use_segments else None,
-            )
-            if _fault("nan_loss", self.state.step + 1) and micro_step == 0:
-                loss = loss * float("nan")
-            losses.append(loss.detach().float())
-            self.engine.backward(loss)
-            self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-        step_loss = torch.stack(losses).mean()
-        if self.config.train.trace_samples:
+        step_loss = self._pipeline_step(consumed) if self.pipelined else self._plain_step(consumed)
+        if self.config.train.trace_samples and consumed:
             with open(self.run_dir / f"samples-rank{self.world.rank}.jsonl", "a", encoding="utf-8") as trace:
                 trace.write(json.dumps({"step": self.state.step + 1, "samples": consumed}) + "\n")
         # Non-finite gradients make DeepSpeed skip the update (no weight, moment or schedule change);
@@ -194,6 +191,42 @@ class Trainer:
             self._interval_losses.append(step_loss)
         else:
             self._count_nonfinite()
+
+    def _plain_step(self, consumed: list[int]) -> torch.Tensor:
+        losses = []
+        use_segments = self.config.model.doc_mask
+        device = self.world.device
+        for micro_step in range(self.layout.accumulation_steps):
+            batch = next(self._batches)
+            consumed += batch["indices"].tolist()
+            loss = self.engine(
+                batch["input_ids"].to(device, non_blocking=True),
+                batch["targets"].to(device, non_blocking=True),
+                batch["segment_ids"].to(device, non_blocking=True) if use_segments else None,
+            )
+            if _fault("nan_loss", self.state.step + 1) and micro_step == 0:
+                loss = loss * float("nan")
+            losses.append(loss.detach().float())
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+        return torch.stack(losses).mean()
+
+    def _pipeline_step(self, consumed: list[int]) -> torch.Tensor:
+        """One global batch through the pipeline: DeepSpeed's schedule runs every micro-batch, the step, and
+        broadcasts the last stage's mean loss to every stage."""
+        from pretrain import pipeline
+
+        first_stage = self.engine.is_first_stage()
+
+        def micro_batches():
+            while True:
+                batch = next(self._batches)
+                if first_stage:  # the first and last stage both read the batch: count it once
+                    consumed.extend(batch["indices"].tolist())
+                yield batch["input_ids"], batch["targets"]
+
+        pipeline.poison_loss = _fault("nan_loss", self.state.step + 1)
+        return self.engine.train_batch(data_iter=micro_batches()).detach().float().cpu()
 
     def _count_nonfinite(self) -> None:
         applied = self.engine.was_step_applied()
@@ -232,6 +265,7 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "skipped_steps": self.state.skipped_steps,
             "world_size": world,
+            "peak_memory_mb": all_reduce_max(peak_memory_mb(self.world.device)),
         }
         self._interval_losses = []
         self._dispatch("on_log", metrics)
@@ -243,25 +277,14 @@ class Trainer:
             return None
         started = time.perf_counter()
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, tokens)
-        for batch, weights in eval_batches(
+        batches = eval_batches(
             self.val_set,
             self.config.eval.samples,
             self.layout.micro_batch_size,
-            self.world.rank,
-            self.world.world_size,
-        ):
-            device = self.world.device
-            token_losses = self.engine(
-                batch["input_ids"].to(device),
-                batch["targets"].to(device),
-                batch["segment_ids"].to(device) if self.config.model.doc_mask else None,
-                reduction="none",
-            ).view(len(weights), -1)
-            per_sample = token_losses.double().sum(dim=1).cpu()
-            total += torch.stack(
-                [(per_sample * weights.double()).sum(), weights.double().sum() * token_losses.shape[1]]
-            )
+            self.layout.data_parallel_rank,
+            self.layout.data_parallel_size,
+        )
+        total = self._pipeline_eval(list(batches)) if self.pipelined else self._plain_eval(batches)
         total = all_reduce_sum(total)
         self.engine.train()
         val_loss = float(total[0] / total[1])
@@ -276,6 +299,37 @@ class Trainer:
         self._dispatch("on_eval", metrics)
         return metrics
 
+    def _plain_eval(self, batches) -> torch.Tensor:
+        total = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, tokens)
+        device = self.world.device
+        for batch, weights in batches:
+            token_losses = self.engine(
+                batch["input_ids"].to(device),
+                batch["targets"].to(device),
+                batch["segment_ids"].to(device) if self.config.model.doc_mask else None,
+                reduction="none",
+            ).view(len(weights), -1)
+            per_sample = token_losses.double().sum(dim=1).cpu()
+            total += torch.stack(
+                [(per_sample * weights.double()).sum(), weights.double().sum() * token_losses.shape[1]]
+            )
+        return total
+
+    def _pipeline_eval(self, batches: list) -> torch.Tensor:
+        """Padding samples get targets of -100, which the pipeline's loss ignores; it returns the real tokens'
+        loss sum over all positions, averaged over micro-batches, on every stage of the pipeline."""
+        inputs = []
+        for batch, weights in batches:
+            targets = batch["targets"].clone()
+            targets[weights == 0] = -100
+            inputs.append((batch["input_ids"], targets))
+        mean = self.engine.eval_batch(iter(inputs), num_micro_batches=len(inputs), bcast_loss=True)
+        positions = len(inputs) * self.layout.micro_batch_size * self.manifest.seq_len
+        real = sum(float(w.sum()) for _, w in batches) * self.manifest.seq_len
+        # Every stage of a pipeline holds the same figures: the world-wide sums count each replica P times,
+        # which cancels in the ratio.
+        return torch.tensor([float(mean) * positions, real], dtype=torch.float64)
+
     # ---------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
         if self._saved_step == self.state.step:
@@ -287,6 +341,7 @@ class Trainer:
             "data_dir": str(self.data_dir),
             "world_size": self.world.world_size,
             "zero_stage": self.config.zero_stage,
+            "pipeline_stages": self.config.parallel.pipeline_stages,
             "config": to_container(self.config),
             "tag": tag_for(self.state.step),
         }
@@ -330,6 +385,13 @@ class Trainer:
                 "run the same command to resume",
                 flush=True,
             )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This rank's peak memory so far: the CUDA allocator's peak on GPUs, the process' max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _fault(kind: str, step: int) -> bool:

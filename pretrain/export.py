@@ -1,0 +1,366 @@
+"""`python -m pretrain.export run_dir=RUN out=DIR`: a checkpoint as a Hugging Face transformers directory.
+
+DIR holds config.json, model.safetensors, the tokenizer (pretrain/hf_tokenizer.py), generation_config.json and
+a README.md model card. It loads offline with `AutoModelForCausalLM.from_pretrained(DIR)` and
+`AutoTokenizer.from_pretrained(DIR)`, no remote code, and runs in `pipeline("text-generation", model=DIR)`.
+
+Which transformers class computes exactly our model:
+- pre-LN (GPT-2) -> `GPT2LMHeadModel`; activation "gelu_pytorch_tanh" (torch's tanh GELU, the very kernel our
+  model calls; "gelu_new" is the same formula written out in Python ops and differs by ~5e-7), or "gelu";
+- post-LN (original GPT) -> `OpenAIGPTLMHeadModel`: `ln_1(x + attn(x))`, `ln_2(n + mlp(n))`, no final norm, as
+  our Block with norm="post". Its afn "gelu" is the tanh approximation (transformers maps it to gelu_new) and
+  it has no exact-erf GELU, and its MLP is fixed at 4 x d_model: such models are refused, not approximated.
+Both store linear weights as `Conv1D` (in, out): ours (out, in) are transposed. Without biases (bias=false) the
+biases are exported as zeros, which computes the same function.
+
+Conversions elsewhere have been a known source of silent garbage, so the export verifies itself before it is
+moved into place: it loads DIR with transformers and compares logits and token ids with ours (`verify`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.config_store import ConfigStore
+
+from cli.app import run_app
+from cli.errors import ConfigProblems, UserError
+from pretrain.callbacks.metrics_file import read_metrics
+from pretrain.model import GPT, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Real text with the cases tokenizers get wrong: accents, CJK, emoji, digits, runs of spaces, tabs, newlines.
+PROBE_TEXT = (
+    "It was the best of times, it was the worst of times; the year 1775 had 365 days.\n\n"
+    "  Indented   with\tspaces and\t\ttabs — café, naïve, 你好, 😀!\n"
+)
+
+
+@dataclass
+class ExportConfig:
+    # A run directory (its latest complete checkpoint is used) or an explicit checkpoint directory.
+    run_dir: str | None = None
+    checkpoint: str | None = None
+    # The directory to write; it must not exist, unless overwrite=true and it holds an earlier export.
+    out: str | None = None
+    overwrite: bool = False
+    # Weights' dtype in model.safetensors: float32, bfloat16 or float16.
+    dtype: str = "float32"
+    # Load the export with transformers and compare its logits and token ids with ours before finishing.
+    verify: bool = True
+    # Largest |logit difference| verify accepts (fp32 computations in another order differ by ~1e-6).
+    tolerance: float = 1e-3
+
+    def __post_init__(self) -> None:
+        problems = ConfigProblems()
+        problems.check(bool(self.out), "out", self.out, "give the directory to write: out=DIR")
+        problems.check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {', '.join(DTYPES)}")
+        problems.check(self.tolerance > 0, "tolerance", self.tolerance, "must be > 0")
+        problems.raise_if_any()
+
+
+def export_problems(config: ModelConfig) -> ConfigProblems:
+    """What transformers' GPT classes cannot compute exactly, each naming the setting and why."""
+    problems = ConfigProblems()
+    if config.norm == "post" and config.activation != "gelu_tanh":
+        problems.add(
+            "model.activation",
+            config.activation,
+            "post-LN models export as OpenAIGPTLMHeadModel, whose GELU is the tanh approximation; "
+            "train with model.activation=gelu_tanh (the original GPT's) to export",
+        )
+    if config.norm == "post" and config.mlp_ratio != 4:
+        problems.add("model.mlp_ratio", config.mlp_ratio, "OpenAIGPTLMHeadModel's MLP is fixed at 4 x d_model")
+    return problems
+
+
+def hf_config(config: ModelConfig, specials: dict[str, int], dtype: str) -> Any:
+    """The transformers config object (GPT2Config or OpenAIGPTConfig) of our model's shape."""
+    from transformers import GPT2Config, OpenAIGPTConfig
+
+    common: dict[str, Any] = {
+        "vocab_size": config.vocab_size,
+        "n_positions": config.max_seq_len,
+        "n_embd": config.d_model,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "initializer_range": config.init_std,
+        "tie_word_embeddings": True,
+        "dtype": dtype,
+        **specials,
+    }
+    if config.norm == "post":
+        return OpenAIGPTConfig(**common, afn="gelu", architectures=["OpenAIGPTLMHeadModel"])
+    activation = "gelu_pytorch_tanh" if config.activation == "gelu_tanh" else "gelu"
+    return GPT2Config(
+        **common,
+        n_inner=config.mlp_ratio * config.d_model,
+        activation_function=activation,
+        scale_attn_weights=True,
+        architectures=["GPT2LMHeadModel"],
+    )
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' names. lm_head is tied to the token embedding: stored once, as
+    transformers itself saves tied weights."""
+    config = model.config
+    ours = model.state_dict()
+    post = config.norm == "post"
+    names = ("tokens_embed", "positions_embed") if post else ("wte", "wpe")
+    out = {f"transformer.{names[0]}.weight": ours["wte.weight"], f"transformer.{names[1]}.weight": ours["wpe.weight"]}
+
+    def bias(key: str, size: int) -> torch.Tensor:
+        return ours[key] if key in ours else torch.zeros(size)  # bias=false: zeros compute the same
+
+    linears = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+    for i in range(config.n_layer):
+        ours_prefix, theirs_prefix = f"blocks.{i}.", f"transformer.h.{i}."
+        for mine, theirs in linears.items():
+            weight = ours[f"{ours_prefix}{mine}.weight"]  # (out, in)
+            out[f"{theirs_prefix}{theirs}.weight"] = weight.t()  # Conv1D: (in, out)
+            out[f"{theirs_prefix}{theirs}.bias"] = bias(f"{ours_prefix}{mine}.bias", weight.shape[0])
+        for norm in ("ln_1", "ln_2"):
+            out[f"{theirs_prefix}{norm}.weight"] = ours[f"{ours_prefix}{norm}.weight"]
+            out[f"{theirs_prefix}{norm}.bias"] = bias(f"{ours_prefix}{norm}.bias", config.d_model)
+    if not post:
+        out["transformer.ln_f.weight"] = ours["ln_f.weight"]
+        out["transformer.ln_f.bias"] = bias("ln_f.bias", config.d_model)
+    return {name: tensor.detach().float().contiguous() for name, tensor in out.items()}
+
+
+def write_model(model: GPT, specials: dict[str, int], out: Path, dtype: str) -> None:
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from pretrain.generate import GenerateConfig
+
+    hf_config(model.config, specials, dtype).save_pretrained(out)
+    tensors = {name: tensor.to(DTYPES[dtype]) for name, tensor in hf_state_dict(model).items()}
+    # transformers refuses safetensors files without the "format" metadata.
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # Sampling defaults are pretrain.generate's, so both sample alike out of the box.
+    defaults = GenerateConfig()
+    GenerationConfig(
+        do_sample=True,
+        temperature=defaults.temperature,
+        top_k=defaults.top_k,
+        top_p=defaults.top_p,
+        max_new_tokens=defaults.max_new_tokens,
+        **specials,
+    ).save_pretrained(out)
+
+
+@torch.no_grad()
+def verify(out: Path, model: GPT, tokenizer: Any, dtype: str) -> dict[str, Any]:
+    """Load `out` with transformers as a user would; compare token ids, decoding and logits with ours."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    theirs_tokenizer = AutoTokenizer.from_pretrained(out)
+    expected = tokenizer.encode(PROBE_TEXT)
+    got = theirs_tokenizer(PROBE_TEXT)["input_ids"]
+    decoded = theirs_tokenizer.decode(expected)
+    if got != expected or decoded != PROBE_TEXT:
+        raise RuntimeError(f"exported tokenizer differs from SentencePiece: ids {got} vs {expected}, text {decoded!r}")
+    theirs = AutoModelForCausalLM.from_pretrained(out).float().eval()
+    # Ours with the exported precision's rounding, so only the conversion is measured.
+    reference = copy.deepcopy(model).cpu().to(DTYPES[dtype]).float().eval()
+    ids = torch.tensor([[tokenizer.eos_id(), *expected][: model.config.max_seq_len]])
+    difference = float((theirs(ids).logits - reference(ids)).abs().max())
+    return {"architecture": type(theirs).__name__, "max_abs_logit_diff": difference, "probe_tokens": ids.shape[1]}
+
+
+def _last(entries: list[dict[str, Any]], key: str, step: int) -> dict[str, Any] | None:
+    """The latest metrics entry holding `key` at or before the exported step."""
+    found = [e for e in entries if key in e and e.get("step", 0) <= step]
+    return found[-1] if found else None
+
+
+def model_card(loaded: Any, checked: dict[str, Any]) -> str:
+    """README.md: what the model is, what it was trained on and for how long, how well, at what energy cost."""
+    state, config = loaded.state, loaded.model.config
+    run_dir = loaded.checkpoint.parent.parent
+    step, trainer = state["trainer"]["step"], state["trainer"]
+    architecture = "OpenAIGPTLMHeadModel" if config.norm == "post" else "GPT2LMHeadModel"
+    params = config.num_params(config.vocab_size or 0)
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"tags: [{'openai-gpt' if config.norm == 'post' else 'gpt2'}, gpt-pretrain]",
+        "---",
+        f"# {run_dir.name}",
+        "",
+        f"A {params / 1e6:.1f} M-parameter GPT trained from scratch with gpt-pretrain, exported as `{architecture}`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | {config.norm}-LN, {config.n_layer} layers, {config.n_head} heads, d_model {config.d_model}, "
+        f"{config.activation} |",
+        f"| context | {config.max_seq_len} tokens |",
+        f"| vocabulary | {config.vocab_size} (SentencePiece BPE, byte fallback) |",
+        f"| checkpoint | {loaded.checkpoint.name} (step {step}) |",
+        f"| tokens seen | {trainer['consumed_tokens']:,} ({trainer['consumed_samples']:,} samples) |",
+        f"| training | world size {state.get('world_size', '?')}, ZeRO stage {state.get('zero_stage', '?')}, "
+        f"precision {state['config'].get('precision', '?')}, lr {state['config']['train']['lr']} |",
+        "",
+        "## Training data",
+        "",
+    ]
+    data_dir = Path(str(state.get("data_dir") or state["config"]["data_dir"]))
+    manifest_path = data_dir / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        prep = manifest.get("config", {})
+        source = prep.get("corpus") or ", ".join(map(str, prep.get("input") or [])) or "?"
+        splits = manifest.get("splits", {})
+        lines.append(
+            f"`{data_dir}`: {source}; {manifest['documents']:,} documents, {manifest['tokens']:,} tokens "
+            f"({splits.get('train', {}).get('samples', 0):,} training and {splits.get('val', {}).get('samples', 0):,} "
+            f"validation samples of {manifest['seq_len']} tokens), from {manifest.get('inputs', {}).get('files', '?')} "
+            f"input files."
+        )
+    else:
+        lines.append(f"`{data_dir}` (its manifest was not available at export time).")
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    lines += ["", "## Evaluation", ""]
+    evaluation = _last(metrics, "val_loss", step)
+    lines.append(
+        f"Validation loss {evaluation['val_loss']:.4f} (perplexity {evaluation['val_perplexity']:.2f}) at step "
+        f"{evaluation['step']}, on {evaluation.get('eval_samples', '?')} held-out samples."
+        if evaluation
+        else "No validation loss was recorded."
+    )
+    lines += ["", "## Energy and emissions", ""]
+    energy, emissions = _last(metrics, "energy_kwh", step), _last(metrics, "emissions_kg_co2eq", step)
+    if energy or emissions:
+        if energy:
+            lines.append(f"- energy: {energy['energy_kwh']:.4g} kWh (to step {energy['step']})")
+        if emissions:
+            lines.append(f"- emissions: {emissions['emissions_kg_co2eq']:.4g} kg CO2eq (to step {emissions['step']})")
+    else:
+        lines.append("Not recorded for this run.")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        'generate = pipeline("text-generation", model="PATH/TO/THIS/DIR")',
+        'print(generate("It was a dark and stormy night", max_new_tokens=50)[0]["generated_text"])',
+        "```",
+        "",
+        "In training every document follows `</s>`: starting a prompt with `</s>` (id "
+        f"{loaded.tokenizer.eos_id()}) gives what `python -m pretrain.generate` gives. The tokenizer adds no "
+        "special tokens and gives the same ids as the run's SentencePiece model.",
+    ]
+    if checked:
+        lines += [
+            "",
+            f"Conversion checked at export: logits within {checked['max_abs_logit_diff']:.1e} of the training code's "
+            f"on {checked['probe_tokens']} tokens; identical token ids.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def check_out(config: ExportConfig) -> Path:
+    """The directory to write, refused before any work when it holds something other than an earlier export."""
+    out = Path(config.out or "")
+    occupied = any(out.iterdir()) if out.is_dir() else out.exists()
+    if occupied and not config.overwrite:
+        raise UserError(f"out={config.out!r} exists; give another directory or overwrite=true")
+    if occupied and not (out / "config.json").is_file():
+        raise UserError(f"out={config.out!r} is not an earlier export (no config.json); overwrite refuses it")
+    return out
+
+
+def make_temp(out: Path) -> Path:
+    """An empty directory beside `out`: the export is written there and renamed, so it appears whole or not at all."""
+    temp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir()
+    except OSError as error:
+        raise UserError(f"out={str(out)!r} cannot be written: {error.strerror}") from None
+    return temp
+
+
+def export(config: ExportConfig) -> dict[str, Any]:
+    try:
+        import transformers  # noqa: F401  (fail before the work, with the fix)
+    except ImportError:
+        raise UserError("exporting needs transformers: pip install '.[hf]'") from None
+    from pretrain.hf_tokenizer import write_tokenizer
+    from pretrain.loading import load_model
+
+    out = check_out(config)
+    loaded = load_model(config.run_dir, config.checkpoint, "cpu")
+    model_config = loaded.model.config
+    export_problems(model_config).raise_if_any(f"{loaded.checkpoint} cannot be exported exactly")
+    tokenizer = loaded.tokenizer
+    specials = {
+        "bos_token_id": tokenizer.bos_id(),
+        "eos_token_id": tokenizer.eos_id(),
+        "pad_token_id": tokenizer.pad_id(),
+    }
+    temp = make_temp(out)
+    try:
+        proto = (loaded.checkpoint.parent.parent / "tokenizer.model").read_bytes()
+        write_tokenizer(proto, temp, model_config.max_seq_len)
+        write_model(loaded.model, specials, temp, config.dtype)
+        checked = verify(temp, loaded.model, tokenizer, config.dtype) if config.verify else {}
+        if checked and not checked["max_abs_logit_diff"] <= config.tolerance:
+            raise RuntimeError(
+                f"exported model's logits differ from ours by {checked['max_abs_logit_diff']:.3g} "
+                f"(tolerance {config.tolerance}): the conversion is wrong for this config; nothing was written"
+            )
+        (temp / "README.md").write_text(model_card(loaded, checked), encoding="utf-8")
+        _make_readable(temp)
+        if out.exists():
+            shutil.rmtree(out)
+        temp.rename(out)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return {"out": str(out), "checkpoint": str(loaded.checkpoint), **checked}
+
+
+def _make_readable(directory: Path) -> None:
+    # safetensors writes its file owner-only (0600); the export is meant to be shared like the other files.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def run(config: ExportConfig) -> int:
+    result = export(config)
+    if "max_abs_logit_diff" in result:
+        print(
+            f"# verified: {result['architecture']} logits within {result['max_abs_logit_diff']:.2e} of ours on "
+            f"{result['probe_tokens']} tokens; tokenizer ids identical",
+            file=sys.stderr,
+        )
+    print(f"exported {result['checkpoint']} to {result['out']}", flush=True)
+    return 0
+
+
+def main() -> None:
+    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+    run_app("export", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The same GPT as a DeepSpeed `PipelineModule`, for `parallel.pipeline_stages > 1`.
+
+No second model: the layers are the plain model's `Block` (a subclass that only drops the KV-cache output,
+since a pipeline passes one tensor between layers), plus thin adapters for the embeddings and the head that
+call the plain model's own code. The sequence is
+
+    [embedding (tied)] [block 0] ... [block n-1] [final norm] [embedding (tied) used as the output head]
+
+The first and last layers are one `TiedLayerSpec`: stage 0 and the last stage each hold a copy of the token
+embedding, and DeepSpeed all-reduces its gradient between them, which is what tying means under a pipeline.
+
+Every stage starts from the weights of one plain `GPT` built with the run's seed (on the host, where memory
+is plentiful: pipelines exist for the accelerator's memory), so P stages start from exactly the weights of
+P = 1, and checkpoints map back onto the plain model layer by layer (`plain_state_dict`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.model import GPT, Block, ModelConfig
+
+TIED_KEY = "embedding"
+# Fault injection for tests (PRETRAIN_FAULT=nan_loss:<step>): the trainer sets this for a poisoned step.
+poison_loss = False
+
+
+class EmbeddingPipe(nn.Module):
+    """Token + position embeddings; the same attribute names as GPT, so weights copy over by name."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.vocab_size is not None
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return GPT.embed(self, input_ids)  # type: ignore[arg-type]  # the plain model's embedding code
+
+
+def head_forward(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
+    """The output head of the last stage: logits through the tied token embedding, (B, T, C) -> (B, T, V)."""
+    return F.linear(x, embedding.wte.weight)
+
+
+class BlockPipe(Block):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)[0]
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln_f: nn.Module = (
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+            if config.norm == "pre"
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(x)
+
+
+def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over every target position; targets of -100 (evaluation padding) count as zero, so
+    the value is the sum over real tokens divided by all positions (equal to the mean when nothing is padded)."""
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    loss = losses / targets.numel()
+    return loss * float("nan") if poison_loss else loss
+
+
+def build_pipeline(plain: GPT, stages: int, partition_method: str, checkpoint_interval: int):
+    """A PipelineModule over `stages` stages whose layers hold `plain`'s weights."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    config = plain.config
+    specs = [
+        TiedLayerSpec(TIED_KEY, EmbeddingPipe, config, tied_weight_attr="wte.weight"),
+        *[LayerSpec(BlockPipe, config) for _ in range(config.n_layer)],
+        LayerSpec(FinalNormPipe, config),
+        TiedLayerSpec(TIED_KEY, EmbeddingPipe, config, forward_fn=head_forward, tied_weight_attr="wte.weight"),
+    ]
+    module = PipelineModule(
+        layers=specs,
+        num_stages=stages,
+        loss_fn=pipeline_loss,
+        partition_method=partition_method,
+        activation_checkpoint_interval=checkpoint_interval,
+    )
+    sources = plain_layer_sources(plain)
+    # forward_funcs holds this stage's layers only, in order; tied layers live in tied_modules.
+    for local_index in range(module._local_stop - module._local_start):
+        index = module._local_start + local_index
+        spec = specs[index]
+        target = module.tied_modules[TIED_KEY] if isinstance(spec, TiedLayerSpec) else module.forward_funcs[local_index]
+        target.load_state_dict(sources[index].state_dict())
+    return module
+
+
+def plain_layer_sources(plain: GPT) -> list[nn.Module]:
+    """For each pipeline layer index, the plain model's module holding the same weights."""
+    embedding = nn.Module()
+    embedding.wte, embedding.wpe, embedding.drop = plain.wte, plain.wpe, plain.drop
+    final = nn.Module()
+    final.ln_f = plain.ln_f
+    return [embedding, *plain.blocks, final, embedding]
+
+
+_LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_\d+)?-model_states\.pt$")
+
+
+def plain_state_dict(checkpoint: Path, n_layer: int) -> dict[str, torch.Tensor]:
+    """Map a pipeline checkpoint's per-layer files back onto the plain GPT's parameter names."""
+    state: dict[str, torch.Tensor] = {}
+    files = {int(m.group(1)): p for p in checkpoint.iterdir() if (m := _LAYER_FILE.match(p.name))}
+    for index, path in sorted(files.items()):
+        weights = torch.load(path, map_location="cpu", weights_only=False)
+        if index == 0 or index == n_layer + 2:  # the tied embedding (saved by the first and last stage)
+            prefix = ""
+        elif index <= n_layer:
+            prefix = f"blocks.{index - 1}."
+        else:  # the final norm: its attribute is already named ln_f
+            prefix = ""
+        for key, value in weights.items():
+            state[prefix + key] = value
+    return state
