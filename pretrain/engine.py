@@ -32,9 +32,12 @@ class GuardedAdamW(torch.optim.AdamW):
     engine calls the client optimizer directly; this gives it the same contract.
     """
 
-    def __init__(self, params: Any, max_norm: float, **kwargs: Any) -> None:
+    def __init__(self, params: Any, max_norm: float, mpu: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.max_norm = max_norm
+        # With pipeline stages, the pipeline grid: the norm is global over the stages (each holds a slice of
+        # the model), counting the tied embedding once.
+        self.mpu = mpu
         self.overflow = False
         self._global_grad_norm: float | None = None
 
@@ -42,12 +45,33 @@ class GuardedAdamW(torch.optim.AdamW):
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         limit = self.max_norm if self.max_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
-        self._global_grad_norm = float(norm)
+        if self.mpu is None:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, limit, foreach=True))
+        else:
+            norm = self._clip_across_stages(params, limit)
+        self._global_grad_norm = norm
         self.overflow = not math.isfinite(self._global_grad_norm)
         if self.overflow:
             return None
         return super().step(closure)
+
+    def _clip_across_stages(self, params: list[torch.Tensor], limit: float) -> float:
+        # deepspeed.runtime.utils.clip_grad_norm_ reduces over the grid's tensor-parallel slice, which leaves a
+        # pipeline's norm per stage. Here: the squared norms of all stages summed over the pipe group, the
+        # tied embedding counted once (DeepSpeed marks its other copies ds_pipe_replicated).
+        import torch.distributed as dist
+
+        counted = [p.grad for p in params if not getattr(p, "ds_pipe_replicated", False)]
+        squares = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
+        for grad in counted:
+            squares += grad.detach().double().pow(2).sum()
+        dist.all_reduce(squares, group=self.mpu.get_pipe_parallel_group())
+        norm = float(squares.sqrt())
+        coefficient = limit / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s formula
+        if coefficient < 1.0:
+            for p in params:
+                p.grad.detach().mul_(coefficient)
+        return norm
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -148,7 +172,12 @@ def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device:
         "fused": device.type == "cuda",
     }
     guarded = config.zero_stage == 0 and config.precision == "fp32"
-    optimizer = GuardedAdamW(groups, train.grad_clip, **settings) if guarded else torch.optim.AdamW(groups, **settings)
+    grid = getattr(wrapped, "_grid", None)  # a PipelineModule's pipeline x data grid
+    optimizer = (
+        GuardedAdamW(groups, train.grad_clip, mpu=grid, **settings)
+        if guarded
+        else torch.optim.AdamW(groups, **settings)
+    )
     decay = train.decay_steps if train.decay_steps is not None else max(1, train.max_steps - train.warmup_steps)
     scheduler = LambdaLR(optimizer, lambda step: lr_multiplier(step, train.warmup_steps, decay, train.min_lr_ratio))
     ds_config = deepspeed_config(config, data_parallel_size)

@@ -93,6 +93,8 @@ def build_pipeline(plain: GPT, stages: int, partition_method: str, checkpoint_in
         loss_fn=pipeline_loss,
         partition_method=partition_method,
         activation_checkpoint_interval=checkpoint_interval,
+        # Only transformer blocks: the embedding's input is token ids, through which nothing can be recomputed.
+        checkpointable_layers=["BlockPipe"],
     )
     sources = plain_layer_sources(plain)
     # forward_funcs holds this stage's layers only, in order; tied layers live in tied_modules.
