@@ -11,7 +11,9 @@ Which transformers class computes exactly our model:
   our Block with norm="post". Its afn "gelu" is the tanh approximation (transformers maps it to gelu_new) and
   it has no exact-erf GELU, and its MLP is fixed at 4 x d_model: such models are refused, not approximated.
 Both store linear weights as `Conv1D` (in, out): ours (out, in) are transposed. Without biases (bias=false) the
-biases are exported as zeros, which computes the same function.
+biases are exported as zeros, which computes the same function. model.doc_mask changes nothing here: within one
+document attention is causal either way (transformers does not block attention across packed documents).
+Checkpoints are read by pretrain/loading.py, so whatever layouts it reads (ZeRO 0-3 today) export.
 
 Conversions elsewhere have been a known source of silent garbage, so the export verifies itself before it is
 moved into place: it loads DIR with transformers and compares logits and token ids with ours (`verify`).
