@@ -3,6 +3,7 @@ written that looks like a dataset), or, for damage that cleaning can repair, rep
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 from collections.abc import Callable
@@ -181,6 +182,18 @@ def test_binary_file_next_to_text_is_skipped_and_reported(setting: Setting) -> N
     manifest = _prepare(setting, inputs)
     assert manifest["cleaning"]["binary_files_skipped"] == [str(binary.resolve())]
     assert manifest["inputs"]["files"] == 2 and manifest["documents"] == 1
+    assert_round_trip(setting.tmp / "out", source_documents([book]))
+
+
+def test_corrupt_gzip_next_to_text_is_skipped_and_reported(setting: Setting) -> None:
+    book = setting.write("inputs/book.txt", setting.books[0].read_bytes())
+    whole = gzip.compress(setting.books[1].read_bytes())
+    truncated = setting.write("inputs/cut-short.txt.gz", whole[: len(whole) // 2])
+    scrambled = setting.write("inputs/scrambled.jsonl.gz", whole[:10] + bytes(reversed(whole[10:2000])))
+    manifest = _prepare(setting, book.parent)
+    skipped = manifest["cleaning"]["unreadable_files_skipped"]
+    assert len(skipped) == 2
+    assert str(truncated.resolve()) in skipped[0] and str(scrambled.resolve()) in skipped[1]
     assert_round_trip(setting.tmp / "out", source_documents([book]))
 
 
