@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 from data_prep.sources import KIND_JSONL
@@ -27,6 +28,8 @@ SPLIT_NAMES = ("train", "val")
 SPACE_MARKER = "\u2581"
 
 _replacements = 0
+# What json.loads makes of an escaped surrogate without its partner ("\\ud800"): not encodable as UTF-8.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _count_and_replace(error: UnicodeError) -> tuple[str, int]:
@@ -61,7 +64,8 @@ def extract_text(kind: str, raw: bytes, text_field: str, stats: CleanStats) -> s
     stats.invalid_utf8_replaced += replaced
     if kind == KIND_JSONL:
         try:
-            record = json.loads(text)
+            # A byte-order mark (from some Windows tools) opens the file; it is not part of the first record.
+            record = json.loads(text.removeprefix("\ufeff"))
         except json.JSONDecodeError:
             stats.invalid_json_lines += 1
             return None
@@ -69,7 +73,8 @@ def extract_text(kind: str, raw: bytes, text_field: str, stats: CleanStats) -> s
         if not isinstance(value, str):
             stats.invalid_json_lines += 1
             return None
-        text = value
+        text, lone = _LONE_SURROGATE.subn("\ufffd", value)
+        stats.invalid_utf8_replaced += lone
     return text
 
 

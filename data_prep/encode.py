@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import heapq
 import multiprocessing
+import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -67,8 +70,18 @@ _settings: WorkerSettings | None = None
 _processor: spm.SentencePieceProcessor | None = None
 
 
-def init_worker(settings: WorkerSettings) -> None:
+def _exit_when_orphaned(parent: int) -> None:
+    # A worker blocked on the task queue never notices that the main process was killed (kill -9, the OOM
+    # killer): it would wait forever, holding its memory. Being reparented is how it notices.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def init_worker(settings: WorkerSettings, parent: int | None = None) -> None:
     global _settings, _processor
+    if parent is not None:
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     _settings = settings
     _processor = None
     if settings.tokenizer_proto is not None:
@@ -152,7 +165,8 @@ def ordered_map(
         return
     # spawn, not fork: the parent may hold threads (tqdm's monitor, tracker threads) that fork would copy.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(settings,)) as pool:
+    initargs = (settings, os.getpid())
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=initargs) as pool:
         # Only the futures are kept: the executor pickles a task's data when it sends it, so it is never
         # touched here after submit.
         pending: deque[tuple[int, Future[TaskResult]]] = deque()

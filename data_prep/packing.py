@@ -168,6 +168,7 @@ class Packer:
         self._starts: list[int] = []
         self.documents = 0
         self.tokens = 0  # tokens added, EOS included
+        self.samples = 0
 
     def add(self, tokens: np.ndarray) -> None:
         self._starts.append(self._length)
@@ -188,6 +189,7 @@ class Packer:
             inside = starts[(starts >= begin) & (starts < begin + window)] - begin
             self.writer.write(stream[begin : begin + window].astype(self.dtype), inside.astype(np.int32))
         # The last token of the last sample is also the first of the next one (overlap of one).
+        self.samples += count
         rest = count * self.seq_len
         self._pieces = [stream[rest:]]
         self._length = len(stream) - rest
@@ -195,5 +197,6 @@ class Packer:
 
     @property
     def tail_tokens(self) -> int:
-        """Tokens left over at the end that do not fill a sample (dropped)."""
-        return self._length
+        """Tokens at the end that are in no sample (dropped). Once a sample is written, the pending stream
+        starts with that sample's last token (the one-token overlap), which is not dropped."""
+        return self._length - 1 if self.samples else self._length

@@ -18,7 +18,6 @@ import heapq
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -98,12 +97,15 @@ def _remove_dataset(out: Path, manifest: dict[str, Any]) -> None:
     (out / TOKENIZER_NAME).unlink(missing_ok=True)
 
 
-def _sample_lines(config: PrepConfig, files: list[InputFile], settings: WorkerSettings) -> Iterator[str]:
-    """Pass 1: the bottom-k sample of training-split lines (deduplicated documents only), in key order."""
+def _sample_lines(
+    config: PrepConfig, files: list[InputFile], settings: WorkerSettings, report: ReadReport
+) -> tuple[list[str], int]:
+    """Pass 1: the bottom-k sample of training-split lines (deduplicated documents only), in key order, and
+    how many distinct non-empty documents were read."""
     k = config.tokenizer.sample_lines
     heap: list[tuple[int, str]] = []  # max-heap by key, through negated keys
     seen: set[bytes] = set()
-    tasks = iter_tasks(files, int(config.task_mb * 1e6), ReadReport())
+    tasks = iter_tasks(files, int(config.task_mb * 1e6), report)
     bar = tqdm(desc="sample", unit="B", unit_scale=True, disable=None, total=_plain_bytes(files))
     for nbytes, result in ordered_map(sample_task, tasks, config.workers, settings):
         for document in result.documents:
@@ -117,7 +119,7 @@ def _sample_lines(config: PrepConfig, files: list[InputFile], settings: WorkerSe
                     heapq.heapreplace(heap, (-key, line))
         bar.update(nbytes)
     bar.close()
-    return (line for _, line in sorted(heap, key=lambda item: -item[0]))
+    return [line for _, line in sorted(heap, key=lambda item: -item[0])], len(seen)
 
 
 def _plain_bytes(files: list[InputFile]) -> int | None:
@@ -133,11 +135,19 @@ def _obtain_tokenizer(
         print(f"reusing the tokenizer trained by an interrupted run ({cached})", flush=True)
         return info_from_proto(cached.read_bytes())
     started = time.perf_counter()
-    lines = list(_sample_lines(config, files, settings))
+    report = ReadReport()
+    lines, documents = _sample_lines(config, files, settings, report)
+    if not documents:
+        skipped = [*report.binary_files, *report.unreadable_files]
+        raise UserError(
+            f"input: the corpus is empty after cleaning ({len(files)} files read, {len(skipped)} skipped as "
+            f"binary or unreadable{': ' + ', '.join(skipped[:3]) if skipped else ''}); point input=[...] at "
+            "text files with content"
+        )
     if not lines:
         raise UserError(
-            f"input: the corpus is empty after cleaning ({len(files)} files read); "
-            "point input=[...] at text files with content"
+            f"val_fraction={config.val_fraction}: all {documents} documents went to the validation split, "
+            "so the training split is empty; lower val_fraction or split_passage_chars, or add text"
         )
     info = train_tokenizer(lines, config.tokenizer, config.workers)
     write_bytes_atomic(cached, info.proto)

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from cli.errors import UserError
 from data_prep.config import BOS_ID, DEFAULT_VOCAB_SIZE, EOS_ID, PAD_ID, UNK_ID, TokenizerConfig
@@ -122,4 +123,9 @@ def train_tokenizer(lines: Iterable[str], config: TokenizerConfig, threads: int)
                 "tokenizer.character_coverage"
             ) from None
         raise
-    return info_from_proto(bytes(model))
+    # SentencePiece records num_threads in the model's trainer_spec; clear it so that the model's bytes (and
+    # the manifest's tokenizer_sha256) depend on the corpus and settings only, not on num_workers.
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(bytes(model))
+    proto.trainer_spec.ClearField("num_threads")
+    return info_from_proto(proto.SerializeToString())
