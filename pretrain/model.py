@@ -37,7 +37,8 @@ class ModelConfig:
     dropout: float = 0.0
     # "pre" (GPT-2, default) or "post" (original GPT: LayerNorm after each residual add, no final one).
     norm: str = "pre"
-    # "gelu_tanh" (GPT-2's approximation) or "gelu" (exact erf form, as Hugging Face's GPT-1 uses).
+    # "gelu_tanh" (the tanh approximation of GPT-2 and GPT-1) or "gelu" (the exact erf form; Hugging Face's
+    # OpenAIGPT "gelu" is the tanh approximation, so post-LN models with exact GELU do not export exactly).
     activation: str = "gelu_tanh"
     mlp_ratio: int = 4
     bias: bool = True

@@ -326,8 +326,9 @@ class Trainer:
         mean = self.engine.eval_batch(iter(inputs), num_micro_batches=len(inputs), bcast_loss=True)
         positions = len(inputs) * self.layout.micro_batch_size * self.manifest.seq_len
         real = sum(float(w.sum()) for _, w in batches) * self.manifest.seq_len
-        # Every stage of a pipeline holds the same figures: the world-wide sums count each replica P times,
-        # which cancels in the ratio.
+        if not self.engine.is_first_stage():
+            # Every stage holds the same figures after the broadcast: count each data-parallel replica once.
+            return torch.zeros(2, dtype=torch.float64)
         return torch.tensor([float(mean) * positions, real], dtype=torch.float64)
 
     # ---------------------------------------------------------------------------------- checkpoints

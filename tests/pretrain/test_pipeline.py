@@ -57,6 +57,8 @@ def test_two_stages_train_like_one_rank(plain: Path, tiny_dataset: Path, tmp_pat
     run_distributed(2, "pretrain", *args(tiny_dataset, tmp_path, "parallel.pipeline_stages=2", "zero_stage=1"))
     assert_same(losses(tmp_path), losses(plain))
     assert_same(evals(tmp_path), evals(plain))  # evaluation through the pipeline's eval schedule
+    counted = {e["eval_samples"] for e in read_metrics(tmp_path / "metrics.jsonl") if e["kind"] == "eval"}
+    assert counted == {12}  # each validation sample counted once, not once per stage
     # The pipeline checkpoint maps back onto the plain model: greedy generation agrees with the plain run's.
     outputs = [
         run_module(
