@@ -1,0 +1,53 @@
+"""`python -m launch [launcher=local|slurm] [launcher.*] [launch.*] <every python -m pretrain argument>`.
+
+    python -m launch launcher.nproc_per_node=8 data_dir=data/books run_dir=runs/a model=gpt2-small
+    python -m launch launcher.program=deepspeed launcher.nproc_per_node=8 data_dir=... run_dir=...
+    python -m launch launcher.nnodes=2 launcher.node_rank=0 launcher.master_addr=10.0.0.1 \\
+        launcher.master_port=29400 launcher.nproc_per_node=8 data_dir=... run_dir=...    # and node_rank=1
+    python -m launch launcher=slurm launcher.nodes=4 launcher.tasks_per_node=8 launcher.gpus_per_node=8 \\
+        launcher.time=2-00:00:00 launcher.partition=gpu data_dir=... run_dir=... launch.dry_run=true
+    python -m launch -m launcher=slurm train.lr=3e-4,6e-4 'run_dir=runs/lr${train.lr}'   # one job per point
+
+One command line describes the run and how to start it: the launcher composes the whole config (the run's
+keys are those of `python -m pretrain`, model presets and experiments included), validates it at the
+launcher's world size before anything starts or is submitted, and hands the ranks the training part of
+the command line, from which they compose the same run.
+
+Sweeps (`-m`) run through Hydra's basic launcher: each point is validated and started (local) or submitted
+(slurm, without waiting) in turn, so every point is one of our sbatch jobs, with its signal handling and
+self-requeue. (hydra-submitit-launcher works with our Hydra, but it runs the task function inside a job of
+its own, which would put a second, different job script around the run.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+
+from cli.app import run_app
+from data_prep.manifest import MANIFEST_NAME, load_manifest
+from launch.config import LaunchConfig, SlurmLauncherConfig, register_configs, training_overrides, validate_launch
+
+
+def launch(config: LaunchConfig) -> int:
+    manifest = load_manifest(config.data_dir) if (Path(config.data_dir) / MANIFEST_NAME).is_file() else None
+    validate_launch(config, manifest)
+    # The ranks get the training part of this command line, and compose the config validated above from it.
+    args = training_overrides(list(HydraConfig.get().overrides.task))
+    if isinstance(config.launcher, SlurmLauncherConfig):
+        from launch.slurm import submit
+
+        return submit(config, args)
+    from launch.local import run_local
+
+    return run_local(config, args)
+
+
+def main() -> None:
+    register_configs()
+    run_app("launch", launch)
+
+
+if __name__ == "__main__":
+    main()
