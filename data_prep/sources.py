@@ -8,6 +8,7 @@ number of workers.
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import os
@@ -129,7 +130,7 @@ def _iter_documents(files: list[InputFile], report: ReadReport) -> Iterator[tupl
                     yield KIND_TEXT, data
                 else:
                     pending = head
-                    for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+                    for chunk in iter(functools.partial(handle.read, 1 << 20), b""):
                         pending += chunk
                         *lines, pending = pending.split(b"\n")
                         for line in lines:

@@ -125,7 +125,7 @@ def train_tokenizer(lines: Iterable[str], config: TokenizerConfig, threads: int)
         raise
     # SentencePiece records num_threads in the model's trainer_spec; clear it so that the model's bytes (and
     # the manifest's tokenizer_sha256) depend on the corpus and settings only, not on num_workers.
-    proto = sentencepiece_model_pb2.ModelProto()
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
     proto.ParseFromString(bytes(model))
     proto.trainer_spec.ClearField("num_threads")
     return info_from_proto(proto.SerializeToString())

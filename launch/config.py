@@ -24,7 +24,7 @@ from omegaconf import MISSING
 
 from cli.errors import ConfigProblems, UserError
 from data_prep.manifest import Manifest
-from pretrain.config import RunConfig, validate_run
+from pretrain.config import RunConfig, run_problems
 from pretrain.config import register_configs as register_run_configs
 
 PROGRAMS = ("torchrun", "deepspeed")
@@ -220,11 +220,7 @@ def validate_launch(config: LaunchConfig, manifest: Manifest | None) -> None:
         raise UserError(f"launcher: choose launcher=local or launcher=slurm (got {type(config.launcher).__name__})")
     problems = config.launcher.problems()
     if config.launcher.world_size >= 1:
-        try:
-            validate_run(config.run_config(), manifest, config.world_size)
-        except UserError as error:
-            # validate_run raises all of its problems in one message; keep them in this one message too.
-            problems.messages.append(str(error).removeprefix("invalid config: "))
+        problems.extend(run_problems(config.run_config(), manifest, config.world_size))
     problems.raise_if_any()
 
 

@@ -22,10 +22,6 @@ from pathlib import Path
 
 STATUS_NAME = "status.json"
 
-# Stop reasons that ask for another invocation. The trainer writes "received SIGUSR1" and
-# "train.steps_per_run=K steps done in this run" (pretrain/trainer.py).
-_COME_BACK = ("received SIGUSR1", "train.steps_per_run=")
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -44,7 +40,8 @@ def decide(run_dir: Path, restarts: int, max_requeues: int) -> Verdict:
         return Verdict("finished", f"finished at {where}")
     if state != "stopped":
         return Verdict("failed", f"{state} at {where}: {reason}")
-    if not reason.startswith(_COME_BACK):
+    # The trainer sets requeue for a stop that asks to come back: SIGUSR1, train.steps_per_run.
+    if not status.get("requeue", False):
         return Verdict("stopped", f"stopped at {where} ({reason}): not requeued")
     if restarts >= max_requeues:
         return Verdict("stopped", f"stopped at {where} ({reason}); requeued {restarts} times already: not requeued")

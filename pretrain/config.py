@@ -190,6 +190,11 @@ class RunConfig:
 
 def validate_run(config: RunConfig, manifest: Manifest | None, world_size: int) -> None:
     """Every check that needs the dataset and the world size, all reported at once."""
+    run_problems(config, manifest, world_size).raise_if_any()
+
+
+def run_problems(config: RunConfig, manifest: Manifest | None, world_size: int) -> ConfigProblems:
+    """The problems `validate_run` reports (for launchers that add their own to the same message)."""
     problems = config.field_problems()
     train, model = config.train, config.model
     stages = config.parallel.pipeline_stages
@@ -225,7 +230,7 @@ def validate_run(config: RunConfig, manifest: Manifest | None, world_size: int) 
             )
         if not manifest.splits.get("train") or manifest.splits["train"].samples == 0:
             problems.add("data_dir", config.data_dir, "has no training samples")
-    problems.raise_if_any()
+    return problems
 
 
 def register_configs() -> None:

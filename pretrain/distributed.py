@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ def init_distributed() -> World:
     if "RANK" not in os.environ:  # a plain single-process run
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # DeepSpeed calls collectives that torch has deprecated, and torch warns at every call: noise for users.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

@@ -61,7 +61,7 @@ class GuardedAdamW(torch.optim.AdamW):
         # tied embedding counted once (DeepSpeed marks its other copies ds_pipe_replicated).
         import torch.distributed as dist
 
-        counted = [p.grad for p in params if not getattr(p, "ds_pipe_replicated", False)]
+        counted = [p.grad for p in params if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
         squares = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
         for grad in counted:
             squares += grad.detach().double().pow(2).sum()
@@ -70,13 +70,15 @@ class GuardedAdamW(torch.optim.AdamW):
         coefficient = limit / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s formula
         if coefficient < 1.0:
             for p in params:
-                p.grad.detach().mul_(coefficient)
+                if p.grad is not None:
+                    p.grad.detach().mul_(coefficient)
         return norm
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices (linear and embedding weights) only, never on biases or LayerNorm."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
     for parameter in model.parameters():  # .parameters() yields a tied weight once
         if not parameter.requires_grad or id(parameter) in seen:
@@ -165,7 +167,7 @@ def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device:
         wrapped = torch.compile(wrapped)  # type: ignore[assignment]
     train = config.train
     groups = parameter_groups(wrapped, train.weight_decay)
-    settings = {
+    settings: dict[str, Any] = {
         "lr": train.lr,
         "betas": (train.beta1, train.beta2),
         "eps": train.eps,

@@ -180,18 +180,17 @@ def test_problems_are_reported_at_once_before_anything_is_submitted(tiny_dataset
     ), local.stderr
 
 
-def _status(run: Path, state: str, reason: str | None) -> Path:
+def _status(run: Path, state: str, reason: str | None, requeue: bool = False) -> Path:
     run.mkdir(parents=True, exist_ok=True)
-    (run / "status.json").write_text(json.dumps({"state": state, "step": 3, "max_steps": 9, "reason": reason}))
+    status = {"state": state, "step": 3, "max_steps": 9, "reason": reason, "requeue": requeue}
+    (run / "status.json").write_text(json.dumps(status))
     return run
 
 
 def test_what_requeues(tmp_path: Path) -> None:
-    assert decide(_status(tmp_path, "stopped", "received SIGUSR1"), 0, 100).action == "requeue"
-    assert decide(_status(tmp_path, "stopped", "train.steps_per_run=3 steps done in this run"), 5, 100).action == (
-        "requeue"
-    )
-    assert decide(_status(tmp_path, "stopped", "received SIGUSR1"), 100, 100).action == "stopped"  # budget spent
+    assert decide(_status(tmp_path, "stopped", "received SIGUSR1", True), 0, 100).action == "requeue"
+    assert decide(_status(tmp_path, "stopped", "train.steps_per_run=3 steps done", True), 5, 100).action == "requeue"
+    assert decide(_status(tmp_path, "stopped", "received SIGUSR1", True), 100, 100).action == "stopped"  # budget spent
     assert decide(_status(tmp_path, "stopped", "received SIGTERM"), 0, 100).action == "stopped"  # scancel
     assert decide(_status(tmp_path, "finished", None), 0, 100).action == "finished"
     assert decide(_status(tmp_path, "failed", "5 non-finite losses"), 0, 100).action == "failed"

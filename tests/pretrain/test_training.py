@@ -93,6 +93,7 @@ def test_resume_is_exact(tiny_dataset: Path, tmp_path: Path) -> None:
     # The first invocation stops after 4 of the 8 steps (as a preemption would), the second one resumes.
     args = train_args(tiny_dataset, split, "train.max_steps=8", "train.steps_per_run=4", *common)
     assert "stopped at step 4" in run_distributed(2, "pretrain", *args).stdout
+    assert json.loads((split / "status.json").read_text())["requeue"] is True
     resumed = run_distributed(2, "pretrain", *train_args(tiny_dataset, split, "train.max_steps=8", *common))
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     expected, got = losses(whole), losses(split)
@@ -119,6 +120,16 @@ def test_cursor_survives_a_change_of_world_size(tiny_dataset: Path, reference: P
     consumed = [s for step in sorted(got) for s in got[step]]
     assert sorted(consumed) == sorted(order(p) for p in range(48))
     assert len(set(consumed)) == len(consumed)
+
+
+def test_resume_on_another_layout_is_refused_when_zero_cannot_repartition(tiny_dataset: Path, tmp_path: Path) -> None:
+    run_distributed(2, "pretrain", *train_args(tiny_dataset, tmp_path, "train.max_steps=2", "zero_stage=2"))
+    done = run_distributed(
+        1, "pretrain", *train_args(tiny_dataset, tmp_path, "train.max_steps=4", "zero_stage=2"), check=False
+    )
+    assert done.returncode != 0
+    assert "holds ZeRO-2 optimizer state partitioned over 2 data-parallel ranks" in done.stderr
+    assert "resume on 2 ranks" in done.stderr
 
 
 def _wait_for(predicate, timeout: float, process) -> None:
@@ -195,6 +206,8 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tiny_dataset: Path, tm
     assert "stopped at step" in output and "run the same command to resume" in output
     saved = complete_checkpoints(tmp_path / "checkpoints")
     assert len(saved) == 1
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "stopped" and status["requeue"] is False  # a SIGTERM stop does not ask to come back
     step = int(saved[0].name.split("-")[1])
     args[args.index("train.max_steps=2000")] = f"train.max_steps={step + 2}"
     done = run_distributed(2, "pretrain", *args)
