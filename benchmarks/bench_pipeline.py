@@ -64,10 +64,14 @@ def main() -> None:
         ("1 rank, activation checkpointing", checkpointed),
     ):
         print(f"  {name:<38}{figures['tokens_per_second']:>12,.0f}{figures['peak_memory_mb']:>14,.0f}")
-    print(f"  pipeline / data parallel: tokens/s x{pipeline['tokens_per_second'] / data_parallel['tokens_per_second']:.2f}, "
-          f"peak memory x{pipeline['peak_memory_mb'] / data_parallel['peak_memory_mb']:.2f}")
-    print(f"  activation checkpointing: tokens/s x{checkpointed['tokens_per_second'] / plain['tokens_per_second']:.2f}, "
-          f"peak memory {checkpointed['peak_memory_mb'] - plain['peak_memory_mb']:+,.0f} MB")
+    print(
+        f"  pipeline / data parallel: tokens/s x{pipeline['tokens_per_second'] / data_parallel['tokens_per_second']:.2f}, "
+        f"peak memory x{pipeline['peak_memory_mb'] / data_parallel['peak_memory_mb']:.2f}"
+    )
+    print(
+        f"  activation checkpointing: tokens/s x{checkpointed['tokens_per_second'] / plain['tokens_per_second']:.2f}, "
+        f"peak memory {checkpointed['peak_memory_mb'] - plain['peak_memory_mb']:+,.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -124,11 +124,17 @@ def main() -> None:
         framework_rate = framework(data, args, run_dir)
         bare_rate, flops_per_token = bare_loop(data, args, Path(temp) / "cache")
         loader_rate = loader_alone(data, args, Path(temp) / "cache")
-    print(f"bench_train: model {args.model}, micro-batch {args.micro_batch}, {args.steps} steps, fp32, CPU threads "
-          f"{torch.get_num_threads()}, {os.cpu_count()} cores")
+    print(
+        f"bench_train: model {args.model}, micro-batch {args.micro_batch}, {args.steps} steps, fp32, CPU threads "
+        f"{torch.get_num_threads()}, {os.cpu_count()} cores"
+    )
     print(f"  model FLOPs per token             {flops_per_token / 1e6:12.2f} MFLOP")
-    print(f"  python -m pretrain (ZeRO-0)       {framework_rate:12,.0f} tokens/s  {framework_rate * flops_per_token / 1e9:8.2f} GFLOP/s")
-    print(f"  bare PyTorch loop                 {bare_rate:12,.0f} tokens/s  {bare_rate * flops_per_token / 1e9:8.2f} GFLOP/s")
+    print(
+        f"  python -m pretrain (ZeRO-0)       {framework_rate:12,.0f} tokens/s  {framework_rate * flops_per_token / 1e9:8.2f} GFLOP/s"
+    )
+    print(
+        f"  bare PyTorch loop                 {bare_rate:12,.0f} tokens/s  {bare_rate * flops_per_token / 1e9:8.2f} GFLOP/s"
+    )
     print(f"  ratio framework / bare            {framework_rate / bare_rate:12.3f}   (target >= 0.95)")
     print(f"  data loader alone (2 workers)     {loader_rate:12,.0f} tokens/s")
     print(f"  ratio loader / framework          {loader_rate / framework_rate:12.1f}x  (target >= 20x)")
