@@ -21,6 +21,7 @@ turns that node's tracker off: measuring never stops training.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -88,7 +89,7 @@ class CarbonTotals:
     emissions_kg_co2eq: float = 0.0
 
     def __add__(self, other: CarbonTotals) -> CarbonTotals:
-        return CarbonTotals(*(a + b for a, b in zip(astuple(self), astuple(other))))
+        return CarbonTotals(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> CarbonTotals:
@@ -126,13 +127,13 @@ class CarbonTracker(Callback):
             return
         self._active = True
         self._start_step = trainer.state.step
-        self._last_time = time.monotonic()
         # A resumed run whose budget is already spent stops before its first step (every rank read the same
         # checkpoint, so every rank agrees), with nothing to measure.
         self._check_budget(trainer, self.restored.emissions_kg_co2eq)
         if trainer.world.local_rank == 0 and trainer.stop_reason is None:
             self.node = node_rank(trainer.world.rank)
             self._guard(self._start_tracker, trainer)
+        self._last_time = time.monotonic()  # energy counts from the tracker's start, and so does power_w's clock
 
     def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         if not self._active:
@@ -233,9 +234,11 @@ class CarbonTracker(Callback):
             if data is None:
                 raise RuntimeError("CodeCarbon's tracker did not stop cleanly")
         else:
-            # What tracker.flush() does, minus its catch-all: flush() logs and swallows errors and returns only
-            # the kg, and we need every total and to know when measuring failed.
-            tracker._measure_power_and_energy_if_stale()
+            # What tracker.flush() does, minus its catch-all (flush() logs and swallows errors and returns only
+            # the kg; we need every total and to know when measuring failed), and measuring even when the last
+            # sample is recent: flush() skips samples under 50 ms old, which leaves short log intervals with no
+            # energy and the next with twice its share (power_w would read 0 W, then double).
+            tracker._measure_power_and_energy()
             data = tracker._prepare_emissions_data()
             tracker._persist_data(data, tracker._compute_emissions_delta(data), tracker._experiment_name)
         self._local = CarbonTotals(
@@ -259,10 +262,8 @@ class CarbonTracker(Callback):
         except Exception as error:  # a tracker failure must never stop training
             tracker, self.tracker = self.tracker, None
             if tracker is not None:
-                try:
-                    tracker.stop()  # its background threads; it may fail again, quietly
-                except Exception:
-                    pass
+                with contextlib.suppress(Exception):  # its background threads; it may fail again, quietly
+                    tracker.stop()
             reason = " ".join(f"{type(error).__name__}: {error}".split())
             print(
                 f"warning: carbon tracking of node {self.node} is off for this run after an error: {reason}", flush=True

@@ -12,6 +12,7 @@ line and turns W&B off for the rest of the invocation: tracking never stops trai
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import string
@@ -146,10 +147,8 @@ class WandbRun(Callback):
             run, self.run = self.run, None
             self._report(error)
             if run is not None:
-                try:
+                with contextlib.suppress(Exception):  # already reported once; W&B may be past saving
                     run.finish(exit_code=1)
-                except Exception:
-                    pass  # already reported once; W&B may be past saving
 
     @staticmethod
     def _report(error: Exception) -> None:
