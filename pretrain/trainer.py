@@ -54,6 +54,8 @@ class Trainer:
         self.state = TrainerState()
         self.finished = False
         self.failed = False
+        # Whether the run stopped early to be started again (launchers requeue it): see status.json.
+        self.come_back = False
         self.stop_reason: str | None = None
         self._signal: int | None = None
         self._saved_step = -1
@@ -177,6 +179,7 @@ class Trainer:
                 self._check_stop()
                 if per_run and self.state.step - first_step >= per_run and self.stop_reason is None:
                     self.stop_reason = f"train.steps_per_run={per_run} steps done in this run"
+                    self.come_back = True
             self.finished = self.state.step >= self.config.train.max_steps
             self._dispatch("on_train_end")
         finally:
@@ -388,6 +391,9 @@ class Trainer:
         flag = all_reduce_max(float(self._signal or 0))
         if flag and self.stop_reason is None:
             self.stop_reason = f"received {signal.Signals(int(flag)).name}"
+            # SIGUSR1 is the scheduler's "time is almost up" warning: the run should come back. SIGTERM and
+            # SIGINT are someone stopping it (scancel, Ctrl-C): it should not.
+            self.come_back = int(flag) == signal.SIGUSR1
 
     def _dispatch(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
@@ -403,6 +409,7 @@ class Trainer:
                 "step": self.state.step,
                 "max_steps": self.config.train.max_steps,
                 "reason": self.stop_reason,
+                "requeue": state == "stopped" and self.come_back,
             },
         )
 
