@@ -179,6 +179,8 @@ class RunConfig:
                 self.model.doc_mask,
                 f"is not supported with parallel.pipeline_stages={stages} yet; use pipeline_stages=1 for masking",
             )
+        problems.extend(self.wandb.problems())
+        problems.extend(self.carbon.problems())
         return problems
 
     def data_parallel_size(self, world_size: int) -> int:
