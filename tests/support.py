@@ -89,3 +89,25 @@ def kill_tree(process: subprocess.Popen[str], sig: int = 9) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.send_signal(sig)
     process.wait()
+
+
+# The small model and batch arithmetic of most training tests: 2 x 64 wide, steps of 8 samples in
+# micro-batches of 2. Hydra keeps the last value of a key, so arguments given after these override them.
+TINY_RUN = (
+    "model=tiny",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=64",
+    "train.num_workers=1",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.log_interval=1",
+    "train.warmup_steps=2",
+    "train.lr=3e-3",
+    "eval.interval=0",
+)
+
+
+def tiny_run_args(data: Path, run: Path, *extra: str) -> list[str]:
+    """`python -m pretrain` arguments for a tiny real run on `data` into `run`; `extra` overrides."""
+    return [f"data_dir={data}", f"run_dir={run}", *TINY_RUN, *extra]

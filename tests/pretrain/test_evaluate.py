@@ -19,27 +19,21 @@ from pretrain.evaluate import EvaluateConfig
 from pretrain.evaluate import evaluate as run_evaluation
 from pretrain.generate import GenerateConfig, generate_ids
 from pretrain.loading import load_model
-from tests.support import run_distributed, run_module
+from tests.support import run_distributed, run_module, tiny_run_args
 
-SMALL = ("model=tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64", "train.num_workers=1")
 EVAL_SAMPLES = 16
 
 
 def train_args(data: Path, run: Path, *extra: str) -> list[str]:
-    return [
-        f"data_dir={data}",
-        f"run_dir={run}",
-        *SMALL,
-        "train.micro_batch_size=2",
-        "train.global_batch_size=8",
+    return tiny_run_args(
+        data,
+        run,
         "train.log_interval=5",
-        "train.warmup_steps=2",
-        "train.lr=3e-3",
         "train.max_steps=20",
         "eval.interval=0",  # one evaluation, at the end, of the weights the final checkpoint holds
         f"eval.samples={EVAL_SAMPLES}",
         *extra,
-    ]
+    )
 
 
 @pytest.fixture(scope="module")

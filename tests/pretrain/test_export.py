@@ -18,9 +18,8 @@ from pretrain.export import export_problems, hf_config, hf_state_dict
 from pretrain.generate import GenerateConfig, generate_ids
 from pretrain.loading import load_model
 from pretrain.model import GPT, ModelConfig
-from tests.support import run_distributed, run_module
+from tests.support import run_distributed, run_module, tiny_run_args
 
-SMALL = ("model=tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64", "train.num_workers=1")
 ARCHITECTURES = {
     "pre": ("model.norm=pre", "model.activation=gelu_tanh"),
     # The original GPT: post-LN with the tanh GELU (what transformers' OpenAIGPT computes).
@@ -72,20 +71,16 @@ def train_and_export(norm: str, data: Path, root: Path) -> tuple[Path, Path]:
     run_distributed(
         1,
         "pretrain",
-        f"data_dir={data}",
-        f"run_dir={run}",
-        *SMALL,
-        *ARCHITECTURES[norm],
-        "train.micro_batch_size=2",
-        "train.global_batch_size=8",
-        "train.log_interval=5",
-        "train.warmup_steps=2",
-        "train.lr=3e-3",
-        "train.max_steps=20",
-        "eval.interval=0",
-        "eval.samples=16",
-        # One run with energy tracking (the model card reports it), one without (the card says so).
-        f"carbon.enabled={norm == 'post'}",
+        *tiny_run_args(
+            data,
+            run,
+            *ARCHITECTURES[norm],
+            "train.log_interval=5",
+            "train.max_steps=20",
+            "eval.samples=16",
+            # One run with energy tracking (the model card reports it), one without (the card says so).
+            f"carbon.enabled={norm == 'post'}",
+        ),
     )
     done = run_module("pretrain.export", f"run_dir={run}", f"out={out}", check=True)
     assert done.stdout.strip() == f"exported {run}/checkpoints/step-00000020 to {out}"

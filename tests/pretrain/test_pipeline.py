@@ -12,28 +12,22 @@ from data_prep.manifest import load_manifest
 from pretrain.callbacks.metrics_file import read_metrics
 from pretrain.config import RunConfig, validate_run
 from tests.pretrain.test_training import losses, traced_samples
-from tests.support import run_distributed, run_module
-
-SMALL = ("model=tiny", "model.n_layer=4", "model.n_head=2", "model.d_model=64", "train.num_workers=1")
+from tests.support import run_distributed, run_module, tiny_run_args
 
 
 def args(data: Path, run: Path, *extra: str) -> list[str]:
-    return [
-        f"data_dir={data}",
-        f"run_dir={run}",
-        *SMALL,
-        "train.micro_batch_size=2",
-        "train.global_batch_size=8",
-        "train.log_interval=1",
-        "train.warmup_steps=2",
-        "train.lr=3e-3",
+    """4 blocks, so that 2 stages hold 2 blocks each; an evaluation every 3 steps."""
+    return tiny_run_args(
+        data,
+        run,
+        "model.n_layer=4",
         "train.max_steps=6",
         "eval.interval=3",
         "eval.samples=12",
         "carbon.enabled=false",
         "wandb.mode=disabled",
         *extra,
-    ]
+    )
 
 
 def evals(run: Path) -> dict[int, float]:

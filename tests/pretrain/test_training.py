@@ -19,26 +19,11 @@ from data_prep.manifest import load_manifest
 from pretrain.callbacks.metrics_file import read_metrics
 from pretrain.checkpoint import complete_checkpoints
 from pretrain.data import GlobalOrder
-from tests.support import kill_tree, run_distributed, run_module, start_distributed
-
-# A small, fast model; everything else as a user would run it.
-SMALL = ("model=tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64", "train.num_workers=1")
+from tests.support import kill_tree, run_distributed, run_module, start_distributed, tiny_run_args
 
 
 def train_args(data: Path, run: Path, *extra: str) -> list[str]:
-    return [
-        f"data_dir={data}",
-        f"run_dir={run}",
-        *SMALL,
-        "train.micro_batch_size=2",
-        "train.global_batch_size=8",
-        "train.log_interval=1",
-        "train.warmup_steps=2",
-        "train.lr=3e-3",
-        "eval.interval=0",
-        "eval.samples=16",
-        *extra,
-    ]
+    return tiny_run_args(data, run, "eval.samples=16", *extra)
 
 
 def losses(run: Path) -> dict[int, float]:
