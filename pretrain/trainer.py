@@ -173,9 +173,12 @@ class Trainer:
                 started = time.perf_counter()
                 self._train_step()
                 self.step_seconds += time.perf_counter() - started
-                self._dispatch("on_step_end")
+                # The step's metrics are written before its step-end callbacks may checkpoint it, so a
+                # checkpoint never holds a step whose line metrics.jsonl lacks (a kill between the two would
+                # leave a gap in the history on resume).
                 if self.state.step % self.config.train.log_interval == 0:
                     self._log()
+                self._dispatch("on_step_end")
                 self._check_stop()
                 if per_run and self.state.step - first_step >= per_run and self.stop_reason is None:
                     self.stop_reason = f"train.steps_per_run={per_run} steps done in this run"
