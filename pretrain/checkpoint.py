@@ -21,6 +21,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from cli.errors import UserError
 from data_prep.manifest import fsync_dir, write_json_atomic
 from pretrain.distributed import World, barrier
 
@@ -125,3 +126,30 @@ class Checkpointer:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
         return read_state(path)
+
+
+def check_resume_layout(checkpoint: Path, config: Any, data_parallel_size: int) -> None:
+    """Refuse, in one line, a resume DeepSpeed cannot load: another pipeline layout or ZeRO stage, or ZeRO-1/2/3
+    optimizer state partitioned over another number of data-parallel ranks (DeepSpeed cannot re-partition it,
+    and would fail half-way through loading). `config` is the run's RunConfig."""
+    saved = read_state(checkpoint)
+    saved_zero = int(saved.get("zero_stage", 0))
+    saved_stages = int(saved.get("pipeline_stages", 1))
+    saved_data = int(saved.get("world_size", 1)) // max(1, saved_stages)
+    if saved_stages != config.parallel.pipeline_stages:
+        raise UserError(
+            f"parallel.pipeline_stages={config.parallel.pipeline_stages}: checkpoint {checkpoint} was written "
+            f"with {saved_stages} pipeline stage(s); resume with parallel.pipeline_stages={saved_stages}"
+        )
+    if saved_zero != config.zero_stage:
+        raise UserError(
+            f"zero_stage={config.zero_stage}: checkpoint {checkpoint} was written with zero_stage={saved_zero}; "
+            f"resume with zero_stage={saved_zero}"
+        )
+    if saved_zero >= 1 and saved_data != data_parallel_size:
+        raise UserError(
+            f"checkpoint {checkpoint} holds ZeRO-{saved_zero} optimizer state partitioned over {saved_data} "
+            f"data-parallel ranks, and DeepSpeed cannot re-partition it for {data_parallel_size}: resume on "
+            f"{saved_data * saved_stages} ranks (the data cursor itself is independent of the world size; "
+            "ZeRO-0 runs resume on any number of ranks)"
+        )

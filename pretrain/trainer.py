@@ -25,7 +25,7 @@ from cli.app import to_container, to_yaml
 from cli.errors import UserError
 from data_prep.manifest import Manifest, load_manifest, write_json_atomic
 from pretrain.callbacks import Callback, default_callbacks
-from pretrain.checkpoint import FAULT_ENV, Checkpointer, read_state, tag_for
+from pretrain.checkpoint import FAULT_ENV, Checkpointer, check_resume_layout, tag_for
 from pretrain.config import RunConfig, validate_run
 from pretrain.data import BatchLayout, TokenSamples, build_index, eval_batches, train_loader
 from pretrain.distributed import World, all_reduce_max, all_reduce_sum, barrier
@@ -107,7 +107,7 @@ class Trainer:
         latest = self.checkpointer.latest()
         if latest is None:
             return
-        self._check_layout(latest)
+        check_resume_layout(latest, self.config, self.layout.data_parallel_size)
         saved = self.checkpointer.load(self.engine, latest)
         if saved.get("tokenizer_sha256") != self.manifest.tokenizer_sha256:
             raise UserError(
@@ -123,32 +123,6 @@ class Trainer:
             print(
                 f"resumed from {latest} at step {self.state.step} ({self.state.consumed_samples} samples consumed)",
                 flush=True,
-            )
-
-    def _check_layout(self, checkpoint: Path) -> None:
-        """ZeRO-1/2/3 partition the optimizer state over the data-parallel ranks, and DeepSpeed cannot
-        re-partition it on load: say so, before DeepSpeed fails half-way through loading."""
-        saved = read_state(checkpoint)
-        saved_zero = int(saved.get("zero_stage", 0))
-        saved_stages = int(saved.get("pipeline_stages", 1))
-        saved_data = int(saved.get("world_size", 1)) // max(1, saved_stages)
-        current_data = self.layout.data_parallel_size
-        if saved_stages != self.config.parallel.pipeline_stages:
-            raise UserError(
-                f"parallel.pipeline_stages={self.config.parallel.pipeline_stages}: checkpoint {checkpoint} was written "
-                f"with {saved_stages} pipeline stage(s); resume with parallel.pipeline_stages={saved_stages}"
-            )
-        if saved_zero != self.config.zero_stage:
-            raise UserError(
-                f"zero_stage={self.config.zero_stage}: checkpoint {checkpoint} was written with zero_stage={saved_zero}; "
-                f"resume with zero_stage={saved_zero}"
-            )
-        if saved_zero >= 1 and saved_data != current_data:
-            raise UserError(
-                f"checkpoint {checkpoint} holds ZeRO-{saved_zero} optimizer state partitioned over {saved_data} "
-                f"data-parallel ranks, and DeepSpeed cannot re-partition it for {current_data}: resume on "
-                f"{saved_data * saved_stages} ranks (the data cursor itself is independent of the world size; "
-                "ZeRO-0 runs resume on any number of ranks)"
             )
 
     # ------------------------------------------------------------------------------------------- loop
