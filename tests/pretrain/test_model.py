@@ -38,9 +38,9 @@ def test_residual_projections_use_scaled_init() -> None:
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=50, n_layer=8, n_head=4, d_model=256, max_seq_len=16))
     expected = 0.02 / math.sqrt(2 * 8)
-    assert abs(float(model.blocks[0].attn.proj.weight.std()) - expected) < 0.1 * expected
-    assert abs(float(model.blocks[0].mlp.proj.weight.std()) - expected) < 0.1 * expected
-    assert abs(float(model.blocks[0].mlp.fc.weight.std()) - 0.02) < 0.002
+    assert abs(float(model.blocks[0].attn.proj.weight.detach().std()) - expected) < 0.1 * expected
+    assert abs(float(model.blocks[0].mlp.proj.weight.detach().std()) - expected) < 0.1 * expected
+    assert abs(float(model.blocks[0].mlp.fc.weight.detach().std()) - 0.02) < 0.002
 
 
 def test_document_mask_isolates_documents() -> None:
