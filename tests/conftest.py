@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from data_prep.config import CorpusConfig
 from data_prep.corpus import fetch_corpus
-from tests.support import REPO, run_module
+from tests.support import REPO, TINY_PREP, run_module
 
 # A few books of the demo corpus: real text, small enough for fast tests.
 SMALL_BOOKS = ("austen-persuasion.txt", "carroll-alice.txt", "chesterton-ball.txt", "shakespeare-hamlet.txt")
@@ -44,10 +44,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -
         "data_prep",
         f"input=[{small_corpus}]",
         f"output_dir={out}",
-        "seq_len=64",
-        "tokenizer.vocab_size=1024",
-        "val_fraction=0.1",
-        "shard_size_mb=0.5",
+        *TINY_PREP,
         "num_workers=2",
         check=True,
     )

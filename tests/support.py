@@ -111,3 +111,7 @@ TINY_RUN = (
 def tiny_run_args(data: Path, run: Path, *extra: str) -> list[str]:
     """`python -m pretrain` arguments for a tiny real run on `data` into `run`; `extra` overrides."""
     return [f"data_dir={data}", f"run_dir={run}", *TINY_RUN, *extra]
+
+
+# The data_prep settings of the tiny dataset most tests train on (tests/conftest.py::tiny_dataset).
+TINY_PREP = ("seq_len=64", "tokenizer.vocab_size=1024", "val_fraction=0.1", "shard_size_mb=0.5")

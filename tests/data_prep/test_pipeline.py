@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.data_prep.test_roundtrip import load_manifest_json
-from tests.support import REPO, run_module
+from tests.support import REPO, TINY_PREP, run_module
 
 
 def _file_hashes(root: Path) -> dict[str, str]:
@@ -38,10 +38,7 @@ def test_one_and_two_workers_write_identical_bytes(tmp_path: Path, small_corpus:
             "data_prep",
             f"input=[{small_corpus}]",
             f"output_dir={out}",
-            "seq_len=64",
-            "tokenizer.vocab_size=1024",
-            "val_fraction=0.1",
-            "shard_size_mb=0.5",
+            *TINY_PREP,
             f"num_workers={workers}",
             "task_mb=0.2",  # about one book per task, so that two workers really share the work
             check=True,

@@ -8,20 +8,14 @@ from pathlib import Path
 from data_prep.manifest import load_manifest
 from pretrain.callbacks.metrics_file import read_metrics
 from pretrain.data import GlobalOrder
+from tests.support import TINY_RUN
 
 GLOBAL_BATCH = 8
 # A small model and 8-sample steps; no tracking, so that a run is mostly start-up.
 SMALL = (
-    "model=tiny",
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.d_model=64",
-    "train.num_workers=1",
-    "train.micro_batch_size=2",
+    *TINY_RUN,
+    "train.lr=6e-4",
     f"train.global_batch_size={GLOBAL_BATCH}",
-    "train.log_interval=1",
-    "train.warmup_steps=2",
-    "eval.interval=0",
     "eval.samples=16",
     "wandb.mode=disabled",
     "carbon.enabled=false",

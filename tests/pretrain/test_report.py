@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support import run_distributed, run_module
+from tests.support import run_distributed, run_module, tiny_run_args
 
 CHROMIUM = "/usr/bin/chromium"
 CHARTS = ("loss", "lr", "throughput", "power", "emissions")
@@ -22,21 +22,16 @@ def tracked_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
     run_distributed(
         1,
         "pretrain",
-        f"data_dir={tiny_dataset}",
-        f"run_dir={run}",
-        "model=tiny",
-        "model.n_layer=2",
-        "model.n_head=2",
-        "model.d_model=64",
-        "train.num_workers=1",
-        "train.micro_batch_size=2",
-        "train.global_batch_size=4",
-        "train.max_steps=6",
-        "train.log_interval=1",
-        "train.warmup_steps=2",
-        "eval.interval=3",
-        "eval.samples=8",
-        "wandb.mode=disabled",
+        *tiny_run_args(
+            tiny_dataset,
+            run,
+            "train.lr=6e-4",
+            "train.global_batch_size=4",
+            "train.max_steps=6",
+            "eval.interval=3",
+            "eval.samples=8",
+            "wandb.mode=disabled",
+        ),
     )
     return run
 

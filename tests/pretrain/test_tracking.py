@@ -18,7 +18,7 @@ from pretrain.callbacks.carbon import CarbonConfig
 from pretrain.callbacks.metrics_file import read_metrics
 from pretrain.callbacks.wandb_run import WandbConfig
 from pretrain.checkpoint import complete_checkpoints, read_state
-from tests.support import run_distributed
+from tests.support import run_distributed, tiny_run_args
 
 CARBON_METRICS = (
     "energy_kwh",
@@ -33,23 +33,8 @@ CARBON_METRICS = (
 
 
 def train_args(data: Path, run: Path, *extra: str) -> list[str]:
-    return [
-        f"data_dir={data}",
-        f"run_dir={run}",
-        "model=tiny",
-        "model.n_layer=2",
-        "model.n_head=2",
-        "model.d_model=64",
-        "train.num_workers=1",
-        "train.micro_batch_size=2",
-        "train.global_batch_size=8",
-        "train.log_interval=1",
-        "train.warmup_steps=2",
-        "eval.interval=0",
-        "eval.samples=16",
-        "checkpoint.interval=0",
-        *extra,
-    ]
+    # The default learning rate (6e-4), as these runs have always used.
+    return tiny_run_args(data, run, "train.lr=6e-4", "eval.samples=16", "checkpoint.interval=0", *extra)
 
 
 def train_entries(run: Path) -> dict[int, dict[str, Any]]:
