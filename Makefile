@@ -23,7 +23,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(PY) -m data_prep corpus=demo_books output_dir=$(DEMO_DIR)/data
-	$(PY) -m data_prep.inspect $(DEMO_DIR)/data
+	$(PY) -m data_prep.inspect_dataset $(DEMO_DIR)/data
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(DEMO_PROCS) -m pretrain experiment=demo \
 		data_dir=$(DEMO_DIR)/data run_dir=$(DEMO_DIR)/run
 	$(PY) -m pretrain.generate run_dir=$(DEMO_DIR)/run prompt="It was a dark and stormy night" \

@@ -1,8 +1,8 @@
 """`python -m data_prep input='[...]' output_dir=DIR seq_len=L tokenizer.vocab_size=V num_workers=W`."""
 
-from cli.app import run_app
+from common.app import run_app
 from data_prep.config import register_configs
-from data_prep.pipeline import prepare
+from data_prep.prepare import prepare
 
 
 def main() -> None:

@@ -1,8 +1,7 @@
 """Typed configuration of `python -m data_prep`, registered with Hydra's ConfigStore.
 
-YAML in `conf/prep.yaml` and `conf/corpus/` only chooses and overrides these defaults. Every check runs in
-`__post_init__` (so at start-up, when Hydra's config becomes these dataclasses), collects all problems and
-raises them in one message.
+YAML in `conf/prep.yaml` and `conf/corpus/` only chooses and overrides these defaults. Each dataclass checks
+its own fields in `problems()`; `python -m data_prep` raises them all in one message before any work starts.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from cli.errors import ConfigProblems
+from common.errors import ConfigProblems
 
 # SentencePiece ids are fixed so that every dataset of this project agrees on them.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -38,6 +37,44 @@ class TokenizerConfig:
     # Split digits into single-digit pieces (as GPT-NeoX/Llama do), so numbers tokenize consistently.
     split_digits: bool = True
     seed: int = 1234
+
+    def problems(self) -> ConfigProblems:
+        problems = ConfigProblems()
+        if self.vocab_size is not None:
+            problems.check(
+                self.vocab_size >= 300,
+                "tokenizer.vocab_size",
+                self.vocab_size,
+                "must be >= 300 (256 byte pieces, 4 special ids and some merges)",
+            )
+            problems.check(
+                self.vocab_size < 2**31,
+                "tokenizer.vocab_size",
+                self.vocab_size,
+                "must fit in 32 bits",
+            )
+        problems.check(
+            self.model_type in ("bpe", "unigram"),
+            "tokenizer.model_type",
+            self.model_type,
+            "must be bpe or unigram",
+        )
+        problems.check(
+            0.9 <= self.character_coverage <= 1.0,
+            "tokenizer.character_coverage",
+            self.character_coverage,
+            "must be in [0.9, 1.0]",
+        )
+        problems.check(self.sample_lines >= 100, "tokenizer.sample_lines", self.sample_lines, "must be >= 100")
+        problems.check(self.max_line_bytes >= 64, "tokenizer.max_line_bytes", self.max_line_bytes, "must be >= 64")
+        if self.model_path is not None:
+            problems.check(
+                os.path.isfile(self.model_path),
+                "tokenizer.model_path",
+                self.model_path,
+                "no such file: give the path of a SentencePiece .model file",
+            )
+        return problems
 
 
 @dataclass
@@ -87,7 +124,7 @@ class PrepConfig:
     overwrite: bool = False
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
-    def __post_init__(self) -> None:
+    def problems(self) -> ConfigProblems:
         problems = ConfigProblems()
         problems.check(self.seq_len >= 1, "seq_len", self.seq_len, "must be >= 1")
         problems.check(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "must be in [0, 1)")
@@ -107,42 +144,8 @@ class PrepConfig:
             self.input,
             "name at least one file, directory or glob (or choose corpus=demo_books)",
         )
-        tok = self.tokenizer
-        if tok.vocab_size is not None:
-            problems.check(
-                tok.vocab_size >= 300,
-                "tokenizer.vocab_size",
-                tok.vocab_size,
-                "must be >= 300 (256 byte pieces, 4 special ids and some merges)",
-            )
-            problems.check(
-                tok.vocab_size < 2**31,
-                "tokenizer.vocab_size",
-                tok.vocab_size,
-                "must fit in 32 bits",
-            )
-        problems.check(
-            tok.model_type in ("bpe", "unigram"),
-            "tokenizer.model_type",
-            tok.model_type,
-            "must be bpe or unigram",
-        )
-        problems.check(
-            0.9 <= tok.character_coverage <= 1.0,
-            "tokenizer.character_coverage",
-            tok.character_coverage,
-            "must be in [0.9, 1.0]",
-        )
-        problems.check(tok.sample_lines >= 100, "tokenizer.sample_lines", tok.sample_lines, "must be >= 100")
-        problems.check(tok.max_line_bytes >= 64, "tokenizer.max_line_bytes", tok.max_line_bytes, "must be >= 64")
-        if tok.model_path is not None:
-            problems.check(
-                os.path.isfile(tok.model_path),
-                "tokenizer.model_path",
-                tok.model_path,
-                "no such file: give the path of a SentencePiece .model file",
-            )
-        problems.raise_if_any()
+        problems.extend(self.tokenizer.problems())
+        return problems
 
     @property
     def workers(self) -> int:

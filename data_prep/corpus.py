@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from cli.errors import UserError
+from common.errors import UserError
 from data_prep.config import CorpusConfig
 
 _COMPLETE = ".complete"

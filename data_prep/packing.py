@@ -24,6 +24,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from data_prep.manifest import ShardInfo
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
@@ -71,14 +73,6 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-@dataclass
-class ShardRecord:
-    name: str
-    samples: int
-    bytes: int
-    sha256: str
-
-
 class _HashingFile:
     """A write-only file that hashes what passes through it (so a shard is hashed while written)."""
 
@@ -103,7 +97,7 @@ class ShardWriter:
     out_dir: Path
     split: str
     samples_per_shard: int
-    shards: list[ShardRecord] = field(default_factory=list)
+    shards: list[ShardInfo] = field(default_factory=list)
     samples_written: int = 0
     _handle: BinaryIO | None = None
     _hashing: _HashingFile | None = None
@@ -142,7 +136,7 @@ class ShardWriter:
         self._handle.close()
         os.replace(self._temp_path, self._final_path)
         self.shards.append(
-            ShardRecord(self._final_path.name, self._in_shard, self._hashing.size, self._hashing.digest.hexdigest())
+            ShardInfo(self._final_path.name, self._in_shard, self._hashing.size, self._hashing.digest.hexdigest())
         )
         self._handle, self._hashing, self._in_shard = None, None, 0
 

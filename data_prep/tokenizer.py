@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from cli.errors import UserError
+from common.errors import UserError
 from data_prep.config import BOS_ID, DEFAULT_VOCAB_SIZE, EOS_ID, PAD_ID, UNK_ID, TokenizerConfig
 
 

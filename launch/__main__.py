@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
-from cli.app import run_app
+from common.app import run_app
 from data_prep.manifest import MANIFEST_NAME, load_manifest
 from launch.config import LaunchConfig, SlurmLauncherConfig, register_configs, training_overrides, validate_launch
 

@@ -22,7 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from cli.errors import ConfigProblems, UserError
+from common.errors import ConfigProblems, UserError
 from data_prep.manifest import Manifest
 from pretrain.config import RunConfig, run_problems
 from pretrain.config import register_configs as register_run_configs

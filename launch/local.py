@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,17 +21,12 @@ from types import FrameType
 
 import psutil
 
+from common.net import free_port
 from launch.config import LaunchConfig, LocalLauncherConfig
 from launch.rendezvous import Rendezvous, torchrun_command
 from launch.status import STATUS_NAME
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
 
 
 def hostfile_text(launcher: LocalLauncherConfig) -> str:
@@ -77,7 +71,7 @@ def local_command(config: LaunchConfig, args: list[str], port: int, hostfile: st
 
 def run_local(config: LaunchConfig, args: list[str]) -> int:
     launcher: LocalLauncherConfig = config.launcher
-    port = launcher.master_port or free_port()
+    port = launcher.master_port or free_port("")
     with tempfile.TemporaryDirectory(prefix="launch-") as scratch:
         hostfile = launcher.hostfile
         if launcher.program == "deepspeed" and hostfile is None:

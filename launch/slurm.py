@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli.errors import UserError
+from common.errors import UserError
 from launch.config import LaunchConfig, SlurmLauncherConfig
 from launch.rendezvous import Rendezvous, torchrun_command
 

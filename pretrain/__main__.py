@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cli.app import run_app
+from common.app import run_app
 from data_prep.manifest import MANIFEST_NAME, load_manifest
 from pretrain.config import RunConfig, register_configs, validate_run
 

@@ -21,8 +21,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from cli.errors import UserError
-from data_prep.manifest import fsync_dir, write_json_atomic
+from common.errors import UserError
+from common.files import fsync_dir, write_json_atomic
 from pretrain.distributed import World, barrier
 
 COMPLETE = "COMPLETE"

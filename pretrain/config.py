@@ -13,7 +13,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from cli.errors import ConfigProblems
+from common.errors import ConfigProblems
 from data_prep.manifest import Manifest
 from pretrain.callbacks.carbon import CarbonConfig
 from pretrain.callbacks.wandb_run import WandbConfig

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cli.errors import UserError
+from common.errors import UserError
 from data_prep.manifest import Manifest
 
 BLOCK = 512
@@ -97,7 +97,7 @@ def build_index(root: Path, manifest: Manifest, split: str, cache_dir: Path | No
         if found != info.samples:
             raise UserError(
                 f"shard {path} holds {found} samples but the manifest says {info.samples} (corrupt or replaced); "
-                "check it with `python -m data_prep.inspect`"
+                "check it with `python -m data_prep.inspect_dataset`"
             )
     table = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
     index = ShardIndex(

@@ -8,12 +8,13 @@ runs unchanged on a laptop CPU and on many GPUs. The backend is the accelerator'
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from common.net import free_port
 
 
 @dataclass(frozen=True)
@@ -28,17 +29,11 @@ class World:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def init_distributed() -> World:
     """Start (or join) the default process group; returns this rank's place in it."""
     if "RANK" not in os.environ:  # a plain single-process run
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     # DeepSpeed calls collectives that torch has deprecated, and torch warns at every call: noise for users.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import deepspeed

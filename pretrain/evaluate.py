@@ -28,8 +28,8 @@ import sentencepiece as spm
 import torch
 from hydra.core.config_store import ConfigStore
 
-from cli.app import run_app
-from cli.errors import ConfigProblems, UserError
+from common.app import run_app
+from common.errors import ConfigProblems, UserError
 from data_prep.documents import CleanStats, clean_text, decode_utf8
 from data_prep.manifest import MANIFEST_NAME, load_manifest
 from pretrain.data import TokenSamples, build_index, eval_batches

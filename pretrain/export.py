@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from hydra.core.config_store import ConfigStore
 
-from cli.app import run_app
-from cli.errors import ConfigProblems, UserError
+from common.app import run_app
+from common.errors import ConfigProblems, UserError
 from pretrain.callbacks.metrics_file import read_metrics
 from pretrain.model import GPT, ModelConfig
 

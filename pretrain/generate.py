@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from hydra.core.config_store import ConfigStore
 
-from cli.app import run_app
-from cli.errors import ConfigProblems, UserError
+from common.app import run_app
+from common.errors import ConfigProblems, UserError
 from pretrain.model import GPT
 
 

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cli.errors import UserError
+from common.errors import UserError
 
 SPACE_MARKER = "\u2581"
 # The transformers class that wraps a tokenizer.json as-is: no model-specific pre/post-processing, and it

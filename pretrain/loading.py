@@ -16,7 +16,7 @@ from typing import Any
 import sentencepiece as spm
 import torch
 
-from cli.errors import UserError
+from common.errors import UserError
 from pretrain.checkpoint import latest_checkpoint, read_state
 from pretrain.model import GPT, ModelConfig
 

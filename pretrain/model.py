@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cli.errors import ConfigProblems
+from common.errors import ConfigProblems
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cli.app import EXIT_USER_ERROR, report_user_error
-from cli.errors import UserError
+from common.app import EXIT_USER_ERROR, report_user_error
+from common.errors import UserError
 from pretrain.callbacks.metrics_file import read_metrics
 
 

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cli.app import to_container, to_yaml
-from cli.errors import UserError
-from data_prep.manifest import Manifest, load_manifest, write_json_atomic
+from common.app import to_container, to_yaml
+from common.errors import UserError
+from common.files import write_json_atomic
+from data_prep.manifest import Manifest, load_manifest
 from pretrain.callbacks import Callback, default_callbacks
 from pretrain.checkpoint import FAULT_ENV, Checkpointer, check_resume_layout, tag_for
 from pretrain.config import RunConfig, validate_run

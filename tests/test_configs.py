@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from cli.app import CONF_DIR
+from common.app import CONF_DIR
 from data_prep.config import PrepConfig
 from data_prep.config import register_configs as register_prep
 from pretrain.config import RunConfig

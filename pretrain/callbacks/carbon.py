@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cli.errors import ConfigProblems
+from common.errors import ConfigProblems
 from pretrain.callbacks.base import Callback
 from pretrain.distributed import all_reduce_sum
 

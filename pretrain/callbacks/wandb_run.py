@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cli.app import to_container
-from cli.errors import ConfigProblems
+from common.app import to_container
+from common.errors import ConfigProblems
 from pretrain.callbacks.base import Callback
 
 if TYPE_CHECKING:

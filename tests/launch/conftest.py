@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,14 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from common.net import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _program(name: str) -> str | None:
@@ -91,7 +86,7 @@ class SlurmCluster:
 
 
 def _slurm_conf(root: Path, host: str, node_line: str) -> str:
-    ctld_port, slurmd_port = _free_port(), _free_port()
+    ctld_port, slurmd_port = free_port(), free_port()
     return f"""\
 ClusterName=launchtest
 SlurmctldHost={host}(127.0.0.1)

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.local import free_port
-from pretrain.checkpoint import complete_checkpoints
+from common.net import free_port
 from tests.launch.runs import SMALL, assert_every_sample_once, assert_rank_environment, train_entries, train_steps
-from tests.support import REPO, kill_tree
+from tests.support import REPO, complete_checkpoints, kill_tree
 
 ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -110,6 +109,6 @@ def test_the_deepspeed_launcher_trains_on_two_cpu_ranks_and_checkpoints_on_sigus
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["state"] == "stopped" and status["reason"] == "received SIGUSR1", output[-3000:]
     # The ranks checkpointed the step they were at; the same command resumes from there (test_slurm.py).
-    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == [f"step-{status['step']:08d}"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [f"step-{status['step']:08d}"]
     assert train_steps(tmp_path) == list(range(1, status["step"] + 1))
     assert {e["world_size"] for e in train_entries(tmp_path)} == {2}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.errors import UserError
+from common.errors import UserError
 from data_prep.manifest import load_manifest
 from pretrain.callbacks.metrics_file import read_metrics
 from pretrain.config import RunConfig, validate_run

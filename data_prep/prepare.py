@@ -24,8 +24,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cli.app import to_container
-from cli.errors import UserError
+from common.app import to_container
+from common.errors import UserError
+from common.files import write_bytes_atomic
 from data_prep.config import PrepConfig
 from data_prep.corpus import fetch_corpus
 from data_prep.documents import SPLIT_NAMES, SPLIT_TRAIN, SPLIT_VAL, CleanStats
@@ -35,11 +36,9 @@ from data_prep.manifest import (
     MANIFEST_NAME,
     TOKENIZER_NAME,
     Manifest,
-    ShardInfo,
     SplitInfo,
     load_manifest,
     verify_shards,
-    write_bytes_atomic,
     write_manifest,
 )
 from data_prep.packing import Packer, ShardWriter, token_dtype
@@ -168,6 +167,7 @@ def _sample_bytes(seq_len: int, itemsize: int) -> int:
 
 
 def prepare(config: PrepConfig) -> int:
+    config.problems().raise_if_any()
     started = time.perf_counter()
     patterns = list(config.input)
     if config.corpus is not None:
@@ -186,7 +186,7 @@ def prepare(config: PrepConfig) -> int:
                 print(
                     f"{out}: up to date, nothing to do ({manifest.tokens} tokens in "
                     f"{sum(len(s.shards) for s in manifest.splits.values())} shards from the same inputs and "
-                    "settings); check it with `python -m data_prep.inspect`",
+                    "settings); check it with `python -m data_prep.inspect_dataset`",
                     flush=True,
                 )
                 return 0
@@ -265,7 +265,7 @@ def prepare(config: PrepConfig) -> int:
     write_bytes_atomic(out / TOKENIZER_NAME, tokenizer.proto)
     splits = {
         name: SplitInfo(
-            shards=[ShardInfo(**asdict(record)) for record in writer.shards],
+            shards=list(writer.shards),
             samples=writer.samples_written,
             tokens=packer.tokens,
             documents=packer.documents,

@@ -1,4 +1,4 @@
-"""`python -m data_prep.inspect DIR`: verify every shard against the manifest and decode a few samples.
+"""`python -m data_prep.inspect_dataset DIR`: verify every shard against the manifest and decode a few samples.
 
 Exit code 0 when every shard and the tokenizer match their sha256 and sample counts, 1 otherwise.
 """
@@ -13,8 +13,8 @@ import numpy as np
 import sentencepiece as spm
 import webdataset as wds
 
-from cli.app import EXIT_USER_ERROR, report_user_error
-from cli.errors import UserError
+from common.app import EXIT_USER_ERROR, report_user_error
+from common.errors import UserError
 from data_prep.manifest import Manifest, load_manifest, verify_shards
 
 
@@ -64,7 +64,7 @@ def inspect(root: Path, samples: int, chars: int, check_hash: bool = True) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.inspect", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m data_prep.inspect_dataset", description=__doc__)
     parser.add_argument("dir", type=Path, help="a dataset directory written by python -m data_prep")
     parser.add_argument("--samples", type=int, default=2, help="samples to decode per split")
     parser.add_argument("--chars", type=int, default=200, help="characters of each decoded sample to show")

@@ -1,4 +1,4 @@
-"""The manifest as another process reads it, and `python -m data_prep.inspect` on good and damaged datasets."""
+"""The manifest as another process reads it, and `python -m data_prep.inspect_dataset` on good and damaged datasets."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_manifest_read_by_a_fresh_process(tiny_dataset: Path) -> None:
 
 
 def test_inspect_passes_a_good_dataset(tiny_dataset: Path) -> None:
-    done = run_module("data_prep.inspect", str(tiny_dataset), "--samples", "1")
+    done = run_module("data_prep.inspect_dataset", str(tiny_dataset), "--samples", "1")
     assert done.returncode == 0, done.stdout + done.stderr
     manifest = load_manifest_json(tiny_dataset)
     shards = sum(len(split["shards"]) for split in manifest["splits"].values())
@@ -55,18 +55,18 @@ def test_inspect_names_a_shard_with_one_corrupt_byte(tmp_path: Path, tiny_datase
     data = bytearray((copy / victim).read_bytes())
     data[len(data) // 2] ^= 0x01  # inside a sample's tokens: the tar still reads, the content is wrong
     (copy / victim).write_bytes(bytes(data))
-    done = run_module("data_prep.inspect", str(copy))
+    done = run_module("data_prep.inspect_dataset", str(copy))
     assert done.returncode == 1
     problems = [line for line in done.stdout.splitlines() if "PROBLEM" in line]
     assert len(problems) == 1 and victim in problems[0] and "sha256" in problems[0]
     # --quick skips the sha256 but still checks sizes: a truncated shard is found.
     (copy / victim).write_bytes(bytes(data[:-1024]))
-    quick = run_module("data_prep.inspect", str(copy), "--quick")
+    quick = run_module("data_prep.inspect_dataset", str(copy), "--quick")
     assert quick.returncode == 1 and victim in quick.stdout
 
 
 def test_inspect_of_a_directory_without_manifest_is_a_user_error(tmp_path: Path) -> None:
-    done = run_module("data_prep.inspect", str(tmp_path))
+    done = run_module("data_prep.inspect_dataset", str(tmp_path))
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and "manifest.json not found" in done.stderr
     assert "Traceback" not in done.stderr

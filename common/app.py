@@ -1,8 +1,9 @@
 """Run a Hydra app so that user errors print one line and exit non-zero.
 
-Every entry point (`python -m data_prep`, `python -m pretrain`, ...) composes its config with Hydra, turns
-it into its typed dataclass with `OmegaConf.to_object` (which runs the dataclasses' `__post_init__` checks)
-and hands it to a task function. A `UserError` anywhere becomes `error: <message>` on stderr and exit code 2.
+Every entry point (`python -m data_prep`, `python -m pretrain`, ...) composes its config with Hydra, turns it
+into its typed dataclass with `OmegaConf.to_object` and hands it to a task function, which first raises the
+config's `problems()` (each dataclass checks its own fields; the task adds what needs more, such as a dataset).
+A `UserError` anywhere becomes `error: <message>` on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cli.errors import UserError
+from common.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EXIT_USER_ERROR = 2
