@@ -25,10 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_prep.manifest import load_manifest  # noqa: E402
-from pretrain.config import RunConfig  # noqa: E402
-from pretrain.data import BatchLayout, TokenSamples, build_index, train_loader  # noqa: E402
-from pretrain.engine import lr_multiplier, parameter_groups  # noqa: E402
-from pretrain.model import GPT, ModelConfig  # noqa: E402
+from pretrain.core.config import RunConfig  # noqa: E402
+from pretrain.core.data import BatchLayout, TokenSamples, build_index, train_loader  # noqa: E402
+from pretrain.core.engine import lr_multiplier, parameter_groups  # noqa: E402
+from pretrain.core.model import GPT  # noqa: E402
+from pretrain.core.model_config import ModelConfig  # noqa: E402
 
 
 def prepare_data(path: Path) -> Path:

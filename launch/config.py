@@ -24,8 +24,8 @@ from omegaconf import MISSING
 
 from common.errors import ConfigProblems, UserError
 from data_prep.manifest import Manifest
-from pretrain.config import RunConfig, run_problems
-from pretrain.config import register_configs as register_run_configs
+from pretrain.core.config import RunConfig, run_problems
+from pretrain.core.config import register_configs as register_run_configs
 
 PROGRAMS = ("torchrun", "deepspeed")
 

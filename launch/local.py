@@ -8,7 +8,6 @@ the main rank reported the stop in RUN/status.json, 1 otherwise.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -24,7 +23,7 @@ import psutil
 from common.net import free_port
 from launch.config import LaunchConfig, LocalLauncherConfig
 from launch.rendezvous import Rendezvous, torchrun_command
-from launch.status import STATUS_NAME
+from pretrain.core.run_dir import RunDir
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
@@ -129,8 +128,8 @@ def _signal_targets(child: subprocess.Popen[bytes], program: str) -> list[psutil
 
 def _stopped_cleanly(run_dir: Path, since: float) -> bool:
     """Whether this invocation's main rank wrote a clean end (not an earlier invocation's status)."""
-    path = run_dir / STATUS_NAME
-    with contextlib.suppress(OSError, ValueError):
-        if path.stat().st_mtime >= since:
-            return json.loads(path.read_text(encoding="utf-8")).get("state") in ("stopped", "finished")
+    run = RunDir(run_dir)
+    with contextlib.suppress(OSError):
+        if run.status_file.stat().st_mtime >= since:
+            return (run.read_status() or {}).get("state") in ("stopped", "finished")
     return False

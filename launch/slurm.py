@@ -27,8 +27,8 @@ from pathlib import Path
 from common.errors import UserError
 from launch.config import LaunchConfig, SlurmLauncherConfig
 from launch.rendezvous import Rendezvous, torchrun_command
+from pretrain.core.run_dir import RunDir
 
-SCRIPT_NAME = "slurm-job.sh"
 # Shell expressions the script defines before srun; left unquoted in the torchrun command line.
 _ENDPOINT = "$head_node:$rdzv_port"
 _RUN_ID = "$SLURM_JOB_ID"
@@ -36,7 +36,7 @@ _RUN_ID = "$SLURM_JOB_ID"
 
 def log_path(config: LaunchConfig) -> str:
     launcher: SlurmLauncherConfig = config.launcher
-    return launcher.output or str(Path(config.run_dir).absolute() / "slurm-%j.log")
+    return launcher.output or RunDir(config.run_dir).slurm_log_pattern()
 
 
 def sbatch_options(config: LaunchConfig) -> list[tuple[str, str]]:
@@ -121,7 +121,7 @@ def render_script(config: LaunchConfig, args: list[str]) -> str:
         'echo "job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, on $SLURM_JOB_NODELIST;'
         ' rendezvous at $head_node:$rdzv_port"',
         "# status.json tells how the last invocation ended; the previous one's must not be taken for this one's.",
-        'rm -f "$run_dir/status.json"',
+        f"rm -f {shlex.quote(str(RunDir(run_dir).status_file))}",
         "",
         # The CPUs are explicit: srun does not take the job's --cpus-per-task over in every Slurm version.
         f"srun --ntasks-per-node=1 --cpus-per-task={launcher.tasks_per_node * launcher.cpus_per_task}"
@@ -161,7 +161,7 @@ def submit(config: LaunchConfig, args: list[str]) -> int:
     log_dir = Path(log_path(config)).parent
     if "%" not in str(log_dir):  # Slurm does not create the log's directory, and fails the job without it
         log_dir.mkdir(parents=True, exist_ok=True)
-    script_path = run_dir / SCRIPT_NAME
+    script_path = RunDir(run_dir).slurm_script
     script_path.write_text(script, encoding="utf-8")
     try:
         done = subprocess.run(

@@ -15,12 +15,11 @@ job script acts upon, and the reason on stderr (into the job's log):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-STATUS_NAME = "status.json"
+from pretrain.core.run_dir import RunDir
 
 
 @dataclass(frozen=True)
@@ -30,10 +29,12 @@ class Verdict:
 
 
 def decide(run_dir: Path, restarts: int, max_requeues: int) -> Verdict:
-    path = run_dir / STATUS_NAME
-    if not path.is_file():
-        return Verdict("failed", f"{path} is missing: the run ended before writing it (see the errors above)")
-    status = json.loads(path.read_text(encoding="utf-8"))
+    run = RunDir(run_dir)
+    status = run.read_status()
+    if status is None:
+        return Verdict(
+            "failed", f"{run.status_file} is missing: the run ended before writing it (see the errors above)"
+        )
     state, reason = status.get("state"), status.get("reason") or ""
     where = f"step {status.get('step')} of {status.get('max_steps')}"
     if state == "finished":

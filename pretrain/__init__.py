@@ -1,1 +1,6 @@
-"""GPT pretraining with DeepSpeed: the model, the data cursor, the engine, the loop and its callbacks."""
+"""GPT pretraining with DeepSpeed.
+
+Every module at this level is a command (`python -m pretrain`, `python -m pretrain.generate`, ...); what they
+build on lives in subpackages: `core/` (the model, the trainer and what it runs on), `hf/` (Hugging Face
+interchange).
+"""

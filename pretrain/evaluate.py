@@ -8,7 +8,7 @@ token, so every token after the first is predicted exactly once, as in the shard
 
 Bits per byte = total loss in nats / ln 2 / UTF-8 bytes of the predicted tokens: unlike per-token loss it
 does not depend on the tokenizer, so models with different vocabularies compare. One process, CPU or GPU,
-checkpoints of any ZeRO stage (pretrain/loading.py).
+checkpoints of any ZeRO stage and pipeline layout (pretrain/core/trained_model.py).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from common.app import run_app
 from common.errors import ConfigProblems, UserError
 from data_prep.documents import CleanStats, clean_text, decode_utf8
 from data_prep.manifest import MANIFEST_NAME, load_manifest
-from pretrain.data import TokenSamples, build_index, eval_batches
-from pretrain.model import GPT
+from pretrain.core.data import TokenSamples, build_index, eval_batches
+from pretrain.core.model import GPT
+from pretrain.core.scoring import loss_totals
 
 SPACE_MARKER = "\u2581"
 
@@ -59,7 +60,7 @@ class EvaluateConfig:
     # Also write the results as JSON to this file.
     output: str | None = None
 
-    def __post_init__(self) -> None:
+    def problems(self) -> ConfigProblems:
         problems = ConfigProblems()
         problems.check(self.samples is None or self.samples >= 1, "samples", self.samples, "must be >= 1")
         problems.check(self.context is None or self.context >= 1, "context", self.context, "must be >= 1")
@@ -70,7 +71,7 @@ class EvaluateConfig:
             self.text_file,
             "evaluates a text file; data_dir and samples select validation shards: give one or the other",
         )
-        problems.raise_if_any()
+        return problems
 
 
 @dataclass
@@ -125,7 +126,8 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]
 def score(model: GPT, batches: Iterator[Batch], byte_lengths: np.ndarray, source: str) -> Evaluation:
     device = next(model.parameters()).device
     table = torch.from_numpy(byte_lengths)
-    total, tokens, byte_count, sequences = 0.0, 0, 0, 0
+    totals = torch.zeros(2, dtype=torch.float64)  # the trainer's evaluation totals (scoring.py)
+    byte_count, sequences = 0, 0
     for input_ids, targets, segment_ids, weights in batches:
         losses = model(
             input_ids.to(device),
@@ -133,13 +135,10 @@ def score(model: GPT, batches: Iterator[Batch], byte_lengths: np.ndarray, source
             segment_ids.to(device) if segment_ids is not None else None,
             reduction="none",
         ).view(len(weights), -1)  # (B, T)
-        real = weights.double()
-        # Summed per sequence in float64, then weighted: the trainer's evaluation, operation for operation.
-        total += float((losses.double().sum(dim=1).cpu() * real).sum())
-        tokens += int(real.sum()) * targets.shape[1]
+        totals += loss_totals(losses, weights)
         byte_count += int((table[targets].sum(dim=1) * weights.long()).sum())
-        sequences += int(real.sum())
-    return Evaluation(source, sequences, tokens, byte_count, total)
+        sequences += int(weights.sum())
+    return Evaluation(source, sequences, int(totals[1]), byte_count, float(totals[0]))
 
 
 def shard_batches(data_dir: Path, samples: int, batch_size: int, doc_mask: bool) -> Iterator[Batch]:
@@ -180,27 +179,16 @@ def text_windows(ids: list[int], context: int, batch_size: int) -> Iterator[Batc
         yield tokens[:, :-1], tokens[:, 1:], None, torch.ones(len(group))
 
 
-def training_seq_len(state: dict[str, Any], max_seq_len: int) -> int:
-    # The trainer adds global_batch x seq_len tokens per global_batch samples, so their ratio is seq_len:
-    # known from the checkpoint alone, even when the dataset is gone.
-    samples = int(state["trainer"].get("consumed_samples", 0))
-    return int(state["trainer"]["consumed_tokens"]) // samples if samples else max_seq_len
-
-
-def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def evaluate(config: EvaluateConfig) -> tuple[Evaluation, dict[str, Any]]:
-    from pretrain.loading import load_model
+    from pretrain.core.trained_model import load_trained_model
 
     text = read_text(Path(config.text_file)) if config.text_file else None  # a bad path fails before loading
-    loaded = load_model(config.run_dir, config.checkpoint, resolve_device(config.device))
+    loaded = load_trained_model(config.run_dir, config.checkpoint, config.device)
     model, tokenizer, state = loaded.model, loaded.tokenizer, loaded.state
     byte_lengths = token_byte_lengths(tokenizer)
-    info = {"checkpoint": str(loaded.checkpoint), "step": state["trainer"]["step"]}
+    info = {"checkpoint": str(loaded.checkpoint.path), "step": state["trainer"]["step"]}
     if text is not None:
-        context = config.context or training_seq_len(state, model.config.max_seq_len)
+        context = config.context or loaded.seq_len
         if context > model.config.max_seq_len:
             raise UserError(f"context={context} exceeds the model's max_seq_len={model.config.max_seq_len}")
         ids = [tokenizer.eos_id(), *tokenizer.encode(text)]
@@ -224,6 +212,7 @@ def evaluate(config: EvaluateConfig) -> tuple[Evaluation, dict[str, Any]]:
 
 
 def run(config: EvaluateConfig) -> int:
+    config.problems().raise_if_any()
     started = time.perf_counter()
     if config.output and not Path(config.output).parent.is_dir():
         raise UserError(f"output={config.output!r}: its directory does not exist")

@@ -1,6 +1,6 @@
 """`python -m pretrain.export run_dir=RUN out=DIR`: a checkpoint as a Hugging Face transformers directory.
 
-DIR holds config.json, model.safetensors, the tokenizer (pretrain/hf_tokenizer.py), generation_config.json and
+DIR holds config.json, model.safetensors, the tokenizer (pretrain/hf/tokenizer.py), generation_config.json and
 a README.md model card. It loads offline with `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)`, no remote code, and runs in `pipeline("text-generation", model=DIR)`.
 
@@ -13,7 +13,7 @@ Which transformers class computes exactly our model:
 Both store linear weights as `Conv1D` (in, out): ours (out, in) are transposed. Without biases (bias=false) the
 biases are exported as zeros, which computes the same function. model.doc_mask changes nothing here: within one
 document attention is causal either way (transformers does not block attention across packed documents).
-Checkpoints are read by pretrain/loading.py, so whatever layouts it reads (ZeRO 0-3 today) export.
+Checkpoints are read by pretrain/core/trained_model.py, so whatever layouts it reads (ZeRO 0-3, pipelines) export.
 
 Conversions elsewhere have been a known source of silent garbage, so the export verifies itself before it is
 moved into place: it loads DIR with transformers and compares logits and token ids with ours (`verify`).
@@ -35,8 +35,12 @@ from hydra.core.config_store import ConfigStore
 
 from common.app import run_app
 from common.errors import ConfigProblems, UserError
-from pretrain.callbacks.metrics_file import read_metrics
-from pretrain.model import GPT, ModelConfig
+from data_prep.manifest import MANIFEST_NAME
+from pretrain.core.callbacks.metrics_file import read_metrics
+from pretrain.core.model import GPT
+from pretrain.core.model_config import ModelConfig
+from pretrain.core.run_dir import RunDir
+from pretrain.core.trained_model import TrainedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Real text with the cases tokenizers get wrong: accents, CJK, emoji, digits, runs of spaces, tabs, newlines.
@@ -61,12 +65,12 @@ class ExportConfig:
     # Largest |logit difference| verify accepts (fp32 computations in another order differ by ~1e-6).
     tolerance: float = 1e-3
 
-    def __post_init__(self) -> None:
+    def problems(self) -> ConfigProblems:
         problems = ConfigProblems()
         problems.check(bool(self.out), "out", self.out, "give the directory to write: out=DIR")
         problems.check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {', '.join(DTYPES)}")
         problems.check(self.tolerance > 0, "tolerance", self.tolerance, "must be > 0")
-        problems.raise_if_any()
+        return problems
 
 
 def export_problems(config: ModelConfig) -> ConfigProblems:
@@ -190,10 +194,10 @@ def _last(entries: list[dict[str, Any]], key: str, step: int) -> dict[str, Any] 
     return found[-1] if found else None
 
 
-def model_card(loaded: Any, checked: dict[str, Any]) -> str:
+def model_card(loaded: TrainedModel, checked: dict[str, Any]) -> str:
     """README.md: what the model is, what it was trained on and for how long, how well, at what energy cost."""
     state, config = loaded.state, loaded.model.config
-    run_dir = loaded.checkpoint.parent.parent
+    run_dir = RunDir(loaded.checkpoint.path.parent.parent)
     step, trainer = state["trainer"]["step"], state["trainer"]
     architecture = "OpenAIGPTLMHeadModel" if config.norm == "post" else "GPT2LMHeadModel"
     params = config.num_params(config.vocab_size or 0)
@@ -203,7 +207,7 @@ def model_card(loaded: Any, checked: dict[str, Any]) -> str:
         "pipeline_tag: text-generation",
         f"tags: [{'openai-gpt' if config.norm == 'post' else 'gpt2'}, gpt-pretrain]",
         "---",
-        f"# {run_dir.name}",
+        f"# {run_dir.root.name}",
         "",
         f"A {params / 1e6:.1f} M-parameter GPT trained from scratch with gpt-pretrain, exported as `{architecture}`.",
         "",
@@ -213,7 +217,7 @@ def model_card(loaded: Any, checked: dict[str, Any]) -> str:
         f"{config.activation} |",
         f"| context | {config.max_seq_len} tokens |",
         f"| vocabulary | {config.vocab_size} (SentencePiece BPE, byte fallback) |",
-        f"| checkpoint | {loaded.checkpoint.name} (step {step}) |",
+        f"| checkpoint | {loaded.checkpoint.tag} (step {step}) |",
         f"| tokens seen | {trainer['consumed_tokens']:,} ({trainer['consumed_samples']:,} samples) |",
         f"| training | world size {state.get('world_size', '?')}, ZeRO stage {state.get('zero_stage', '?')}, "
         f"precision {state['config'].get('precision', '?')}, lr {state['config']['train']['lr']} |",
@@ -222,7 +226,7 @@ def model_card(loaded: Any, checked: dict[str, Any]) -> str:
         "",
     ]
     data_dir = Path(str(state.get("data_dir") or state["config"]["data_dir"]))
-    manifest_path = data_dir / "manifest.json"
+    manifest_path = data_dir / MANIFEST_NAME
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         prep = manifest.get("config", {})
@@ -236,7 +240,7 @@ def model_card(loaded: Any, checked: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"`{data_dir}` (its manifest was not available at export time).")
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    metrics = read_metrics(run_dir.metrics)
     lines += ["", "## Evaluation", ""]
     evaluation = _last(metrics, "val_loss", step)
     lines.append(
@@ -305,13 +309,13 @@ def export(config: ExportConfig) -> dict[str, Any]:
         import transformers  # noqa: F401  (fail before the work, with the fix)
     except ImportError:
         raise UserError("exporting needs transformers: pip install '.[hf]'") from None
-    from pretrain.hf_tokenizer import write_tokenizer
-    from pretrain.loading import load_model
+    from pretrain.core.trained_model import load_trained_model
+    from pretrain.hf.tokenizer import write_tokenizer
 
     out = check_out(config)
-    loaded = load_model(config.run_dir, config.checkpoint, "cpu")
+    loaded = load_trained_model(config.run_dir, config.checkpoint, "cpu")
     model_config = loaded.model.config
-    export_problems(model_config).raise_if_any(f"{loaded.checkpoint} cannot be exported exactly")
+    export_problems(model_config).raise_if_any(f"{loaded.checkpoint.path} cannot be exported exactly")
     tokenizer = loaded.tokenizer
     specials = {
         "bos_token_id": tokenizer.bos_id(),
@@ -320,8 +324,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
     }
     temp = make_temp(out)
     try:
-        proto = (loaded.checkpoint.parent.parent / "tokenizer.model").read_bytes()
-        write_tokenizer(proto, temp, model_config.max_seq_len)
+        write_tokenizer(loaded.tokenizer_proto, temp, model_config.max_seq_len)
         write_model(loaded.model, specials, temp, config.dtype)
         checked = verify(temp, loaded.model, tokenizer, config.dtype) if config.verify else {}
         if checked and not checked["max_abs_logit_diff"] <= config.tolerance:
@@ -336,7 +339,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
         temp.rename(out)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    return {"out": str(out), "checkpoint": str(loaded.checkpoint), **checked}
+    return {"out": str(out), "checkpoint": str(loaded.checkpoint.path), **checked}
 
 
 def _make_readable(directory: Path) -> None:
@@ -348,6 +351,7 @@ def _make_readable(directory: Path) -> None:
 
 
 def run(config: ExportConfig) -> int:
+    config.problems().raise_if_any()
     result = export(config)
     if "max_abs_logit_diff" in result:
         print(

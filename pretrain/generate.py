@@ -1,6 +1,6 @@
 """`python -m pretrain.generate run_dir=RUN prompt="..."`: sample text from a checkpoint, in one process.
 
-Works on checkpoints of any ZeRO stage (see pretrain/loading.py), on CPU or GPU. Decoding uses the model's
+Works on checkpoints of any ZeRO stage and pipeline layout (pretrain/core/trained_model.py), on CPU or GPU. Decoding uses the model's
 key/value cache, so each new token costs one position of attention, not a pass over the whole context.
 Text streams to the terminal as it is generated.
 """
@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 from common.app import run_app
 from common.errors import ConfigProblems, UserError
-from pretrain.model import GPT
+from pretrain.core.model import GPT
 
 
 @dataclass
@@ -41,13 +41,13 @@ class GenerateConfig:
     device: str = "auto"
     stream: bool = True
 
-    def __post_init__(self) -> None:
+    def problems(self) -> ConfigProblems:
         problems = ConfigProblems()
         problems.check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         problems.check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0: greedy)")
         problems.check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0: no limit)")
         problems.check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        problems.raise_if_any()
+        return problems
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -101,10 +101,10 @@ def generate_ids(model: GPT, prompt_ids: list[int], config: GenerateConfig, eos_
 
 
 def run(config: GenerateConfig) -> int:
-    from pretrain.loading import load_model
+    from pretrain.core.trained_model import load_trained_model
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    loaded = load_model(config.run_dir, config.checkpoint, device)
+    config.problems().raise_if_any()
+    loaded = load_trained_model(config.run_dir, config.checkpoint, config.device)
     prompts = [config.prompt] if config.prompt or not config.prompts_file else []
     if config.prompts_file:
         path = Path(config.prompts_file)
@@ -113,7 +113,9 @@ def run(config: GenerateConfig) -> int:
         prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     tokenizer = loaded.tokenizer
     eos = tokenizer.eos_id()
-    print(f"# checkpoint {loaded.checkpoint} (step {loaded.state['trainer']['step']})", file=sys.stderr, flush=True)
+    print(
+        f"# checkpoint {loaded.checkpoint.path} (step {loaded.state['trainer']['step']})", file=sys.stderr, flush=True
+    )
     for prompt in prompts:
         # Documents begin after EOS in training, so a prompt is the start of a new document.
         prompt_ids = [eos, *tokenizer.encode(prompt)]

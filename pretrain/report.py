@@ -13,7 +13,6 @@ import argparse
 import base64
 import html
 import io
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -23,7 +22,8 @@ from typing import Any
 
 from common.app import EXIT_USER_ERROR, report_user_error
 from common.errors import UserError
-from pretrain.callbacks.metrics_file import read_metrics
+from pretrain.core.callbacks.metrics_file import read_metrics
+from pretrain.core.run_dir import RunDir
 
 
 @dataclass
@@ -167,7 +167,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     """Write OUT/index.html and OUT/<chart>.png (OUT defaults to RUN/report); returns the HTML's path."""
     if not run_dir.is_dir():
         raise UserError(f"run directory {str(run_dir)!r} does not exist: pass the run_dir of a training run")
-    entries = read_metrics(run_dir / "metrics.jsonl")
+    run = RunDir(run_dir)
+    entries = read_metrics(run.metrics)
     train = [e for e in entries if e.get("kind") == "train"]
     evals = [e for e in entries if e.get("kind") == "eval"]
     if not train:
@@ -179,12 +180,10 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         import matplotlib  # noqa: F401
     except ImportError as error:
         raise UserError("python -m pretrain.report needs matplotlib: pip install matplotlib") from error
-    config_path = run_dir / "config.yaml"
-    config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
-    status_path = run_dir / "status.json"
-    status = json.loads(status_path.read_text(encoding="utf-8")) if status_path.is_file() else {}
+    config_text = run.config_file.read_text(encoding="utf-8") if run.config_file.is_file() else ""
+    status = run.read_status() or {}
     charts = make_charts(train, evals, _budget(config_text))
-    out = out_dir or run_dir / "report"
+    out = out_dir or run.report
     out.mkdir(parents=True, exist_ok=True)
     for chart in charts:
         (out / f"{chart.name}.png").write_bytes(chart.png)

@@ -115,3 +115,17 @@ def tiny_run_args(data: Path, run: Path, *extra: str) -> list[str]:
 
 # The data_prep settings of the tiny dataset most tests train on (tests/conftest.py::tiny_dataset).
 TINY_PREP = ("seq_len=64", "tokenizer.vocab_size=1024", "val_fraction=0.1", "shard_size_mb=0.5")
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    """The run's complete checkpoint directories, oldest first (as the trainer finds them on resume)."""
+    from pretrain.core.run_dir import RunDir
+
+    return [checkpoint.path for checkpoint in RunDir(run).complete_checkpoints()]
+
+
+def read_state(checkpoint: Path) -> dict:
+    """A checkpoint's trainer_state.json."""
+    from pretrain.core.run_dir import CheckpointDir
+
+    return CheckpointDir(checkpoint).read_state()

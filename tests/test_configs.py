@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from common.app import CONF_DIR
 from data_prep.config import PrepConfig
 from data_prep.config import register_configs as register_prep
-from pretrain.config import RunConfig
-from pretrain.config import register_configs as register_train
-from pretrain.model import GPT
+from pretrain.core.config import RunConfig
+from pretrain.core.config import register_configs as register_train
+from pretrain.core.model import GPT
 
 CONF = Path(CONF_DIR)
 
@@ -50,7 +50,7 @@ def test_every_experiment_composes(experiment: str) -> None:
     register_train()
     config = typed("train", [f"experiment={experiment}"])
     assert isinstance(config, RunConfig)
-    assert not config.field_problems().messages
+    assert not config.problems().messages
 
 
 @pytest.mark.parametrize("corpus", sorted(p.stem for p in (CONF / "corpus").glob("*.yaml")))

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from data_prep.manifest import load_manifest
-from pretrain.callbacks.metrics_file import read_metrics
-from pretrain.data import GlobalOrder
+from pretrain.core.callbacks.metrics_file import read_metrics
+from pretrain.core.data import GlobalOrder
 from tests.support import TINY_RUN
 
 GLOBAL_BATCH = 8

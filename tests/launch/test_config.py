@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from launch.config import LaunchConfig, register_configs, slurm_time_seconds, training_overrides
 from launch.status import decide
-from pretrain.config import RunConfig
+from pretrain.core.config import RunConfig
 from tests.support import REPO, run_module
 
 TRAINING = ["experiment=demo", "model.n_layer=2", "train.lr=1e-3", "run_dir=runs/x", "checkpoint.interval=7"]

@@ -14,12 +14,12 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from pretrain.callbacks.metrics_file import read_metrics
+from pretrain.core.callbacks.metrics_file import read_metrics
+from pretrain.core.trained_model import load_trained_model
 from pretrain.evaluate import EvaluateConfig
 from pretrain.evaluate import evaluate as run_evaluation
 from pretrain.generate import GenerateConfig, generate_ids
-from pretrain.loading import load_model
-from tests.support import run_distributed, run_module, tiny_run_args
+from tests.support import complete_checkpoints, run_distributed, run_module, tiny_run_args
 
 EVAL_SAMPLES = 16
 
@@ -77,7 +77,7 @@ def test_bits_per_byte_of_a_text_file(runs: dict[int, Path], small_corpus: Path,
     text_file.write_bytes(passage.encode("utf-8"))
     got = evaluate(f"run_dir={runs[0]}", f"text_file={text_file}", tmp_path=tmp_path)
     cleaned = passage.replace("\r\n", "\n")
-    tokenizer = spm.SentencePieceProcessor(model_file=str(runs[0] / "tokenizer.model"))
+    tokenizer = spm.SentencePieceProcessor(model_file=str(complete_checkpoints(runs[0])[-1] / "tokenizer.model"))
     assert got["tokens"] == len(tokenizer.encode(cleaned))  # every token predicted once (after a leading EOS)
     assert got["bytes"] == len(cleaned.encode("utf-8"))  # bytes of the evaluated text, exactly
     assert got["context"] == 64  # the run's training length
@@ -110,7 +110,7 @@ def test_samples_select_the_first_validation_samples_whatever_the_batch(runs: di
 def test_zero3_checkpoint_generates_what_zero0_generates(runs: dict[int, Path]) -> None:
     """Same training on ZeRO-0 and ZeRO-3: the weights reassembled from ZeRO-3's partitions are ZeRO-0's, and
     generation (greedy, and sampled with a seed; with and without the KV cache) gives the same tokens."""
-    zero0, zero3 = (load_model(str(runs[stage])) for stage in (0, 3))
+    zero0, zero3 = (load_trained_model(str(runs[stage])) for stage in (0, 3))
     weights0, weights3 = zero0.model.state_dict(), zero3.model.state_dict()
     assert weights0.keys() == weights3.keys()
     assert max(float((weights0[k] - weights3[k]).abs().max()) for k in weights0) < 1e-5

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.callbacks.metrics_file import read_metrics
+from pretrain.core.callbacks.metrics_file import read_metrics
+from pretrain.core.model import GPT
+from pretrain.core.model_config import ModelConfig
+from pretrain.core.trained_model import load_trained_model
 from pretrain.export import export_problems, hf_config, hf_state_dict
 from pretrain.generate import GenerateConfig, generate_ids
-from pretrain.loading import load_model
-from pretrain.model import GPT, ModelConfig
 from tests.support import run_distributed, run_module, tiny_run_args
 
 ARCHITECTURES = {
@@ -123,7 +124,7 @@ def exported(request: pytest.FixtureRequest, exports: dict[str, dict]) -> dict:
 def test_transformers_logits_equal_ours(exported: dict) -> None:
     expected_class = {"pre": "GPT2LMHeadModel", "post": "OpenAIGPTLMHeadModel"}[exported["norm"]]
     assert exported["hf"]["architecture"] == expected_class
-    loaded = load_model(str(exported["run"]))
+    loaded = load_trained_model(str(exported["run"]))
     eos = loaded.tokenizer.eos_id()
     ids = [eos, *loaded.tokenizer.encode(exported["texts"]["paragraph"])][: loaded.model.config.max_seq_len]
     with torch.no_grad():
@@ -136,7 +137,7 @@ def test_transformers_logits_equal_ours(exported: dict) -> None:
 
 
 def test_tokenizer_gives_sentencepiece_ids_and_decodes_back(exported: dict) -> None:
-    loaded = load_model(str(exported["run"]))
+    loaded = load_trained_model(str(exported["run"]))
     for name, text in exported["texts"].items():
         assert exported["hf"]["ids"][name] == loaded.tokenizer.encode(text), name
         assert exported["hf"]["decoded"][name] == text, name
@@ -144,7 +145,7 @@ def test_tokenizer_gives_sentencepiece_ids_and_decodes_back(exported: dict) -> N
 
 
 def test_generation_in_transformers_equals_pretrain_generate(exported: dict) -> None:
-    loaded = load_model(str(exported["run"]))
+    loaded = load_trained_model(str(exported["run"]))
     eos = loaded.tokenizer.eos_id()
     ours = generate_ids(
         loaded.model, [eos, *loaded.tokenizer.encode(PROMPT)], GenerateConfig(max_new_tokens=12, temperature=0), eos

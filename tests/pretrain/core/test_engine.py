@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.config import RunConfig
-from pretrain.engine import GuardedAdamW, deepspeed_config, lr_multiplier, parameter_groups
-from pretrain.model import GPT, ModelConfig
+from pretrain.core.config import RunConfig
+from pretrain.core.engine import GuardedAdamW, deepspeed_config, lr_multiplier, parameter_groups
+from pretrain.core.model import GPT
+from pretrain.core.model_config import ModelConfig
 
 
 def test_weight_decay_only_on_matrices() -> None:

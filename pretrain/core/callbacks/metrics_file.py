@@ -1,7 +1,7 @@
-"""`<run_dir>/metrics.jsonl`: one JSON object per logged step and per evaluation (global rank 0 only).
+"""`RUN/metrics.jsonl`: one JSON object per logged step and per evaluation (global rank 0 only).
 
 On resume, entries past the restored step (logged after the checkpoint by the run that crashed) are
-dropped, so the file reads as one uninterrupted run.
+dropped, so the file reads as one uninterrupted run. Each line is written whole, in one write, and synced.
 """
 
 from __future__ import annotations
@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pretrain.callbacks.base import Callback
-
-if TYPE_CHECKING:
-    from pretrain.trainer import Trainer
+from common.files import append_line, write_text_atomic
+from pretrain.core.callbacks.base import RECORD, Callback, TrainerView
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -30,25 +28,24 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricsFile(Callback):
+    order = RECORD
+
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         if not trainer.world.is_main:
             return
         kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= trainer.state.step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.path.with_name(f".{self.path.name}.tmp")
-        temp.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
-        temp.replace(self.path)
+        write_text_atomic(self.path, "".join(json.dumps(e) + "\n" for e in kept))
 
-    def _append(self, trainer: Trainer, entry: dict[str, Any]) -> None:
+    def _append(self, trainer: TrainerView, entry: dict[str, Any]) -> None:
         if trainer.world.is_main:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({**entry, "time": time.time()}) + "\n")
+            append_line(self.path, json.dumps({**entry, "time": time.time()}))
 
-    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_log(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         self._append(trainer, {"kind": "train", **metrics})
 
-    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_eval(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         self._append(trainer, {"kind": "eval", **metrics})

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.model import GPT, Block, ModelConfig
+from pretrain.core.library_internals import local_layer_range
+from pretrain.core.model import GPT, Block, embedding_layers, final_norm
+from pretrain.core.model_config import ModelConfig
 
 TIED_KEY = "embedding"
-# Fault injection for tests (PRETRAIN_FAULT=nan_loss:<step>): the trainer sets this for a poisoned step.
-poison_loss = False
 
 
 class EmbeddingPipe(nn.Module):
@@ -35,11 +35,8 @@ class EmbeddingPipe(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        assert config.vocab_size is not None
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
+        self.wte, self.wpe, self.drop = embedding_layers(config)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return GPT.embed(self, input_ids)  # type: ignore[arg-type]  # the plain model's embedding code
@@ -58,22 +55,24 @@ class BlockPipe(Block):
 class FinalNormPipe(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.ln_f: nn.Module = (
-            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
-            if config.norm == "pre"
-            else nn.Identity()
-        )
+        self.ln_f = final_norm(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_f(x)
 
 
-def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over every target position; targets of -100 (evaluation padding) count as zero, so
-    the value is the sum over real tokens divided by all positions (equal to the mean when nothing is padded)."""
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-    loss = losses / targets.numel()
-    return loss * float("nan") if poison_loss else loss
+class PipelineLoss:
+    """The last stage's loss: cross-entropy over every target position; targets of -100 (evaluation padding)
+    count as zero, so the value is the sum over real tokens divided by all positions (the mean when nothing is
+    padded). `poison` (fault injection for tests, set by the step object) makes it NaN."""
+
+    def __init__(self) -> None:
+        self.poison = False
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        loss = losses / targets.numel()
+        return loss * float("nan") if self.poison else loss
 
 
 def build_pipeline(plain: GPT, stages: int, partition_method: str, checkpoint_interval: int):
@@ -90,7 +89,7 @@ def build_pipeline(plain: GPT, stages: int, partition_method: str, checkpoint_in
     module = PipelineModule(
         layers=specs,
         num_stages=stages,
-        loss_fn=pipeline_loss,
+        loss_fn=PipelineLoss(),
         partition_method=partition_method,
         activation_checkpoint_interval=checkpoint_interval,
         # Only transformer blocks: the embedding's input is token ids, through which nothing can be recomputed.
@@ -98,8 +97,7 @@ def build_pipeline(plain: GPT, stages: int, partition_method: str, checkpoint_in
     )
     sources = plain_layer_sources(plain)
     # forward_funcs holds this stage's layers only, in order; tied layers live in tied_modules.
-    for local_index in range(module._local_stop - module._local_start):
-        index = module._local_start + local_index
+    for local_index, index in enumerate(local_layer_range(module)):
         spec = specs[index]
         target = module.tied_modules[TIED_KEY] if isinstance(spec, TiedLayerSpec) else module.forward_funcs[local_index]
         target.load_state_dict(sources[index].state_dict())

@@ -16,10 +16,9 @@ import psutil
 import pytest
 
 from data_prep.manifest import load_manifest
-from pretrain.callbacks.metrics_file import read_metrics
-from pretrain.checkpoint import complete_checkpoints
-from pretrain.data import GlobalOrder
-from tests.support import kill_tree, run_distributed, run_module, start_distributed, tiny_run_args
+from pretrain.core.callbacks.metrics_file import read_metrics
+from pretrain.core.data import GlobalOrder
+from tests.support import complete_checkpoints, kill_tree, run_distributed, run_module, start_distributed, tiny_run_args
 
 
 def train_args(data: Path, run: Path, *extra: str) -> list[str]:
@@ -130,10 +129,9 @@ def _wait_for(predicate, timeout: float, process) -> None:
 def test_kill_9_during_training_resumes_from_latest_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
     args = train_args(tiny_dataset, tmp_path, "train.max_steps=400", "checkpoint.interval=3", "zero_stage=1")
     process = start_distributed(2, "pretrain", *args)
-    checkpoints = tmp_path / "checkpoints"
-    _wait_for(lambda: len(complete_checkpoints(checkpoints)) >= 2, 300, process)
+    _wait_for(lambda: len(complete_checkpoints(tmp_path)) >= 2, 300, process)
     kill_tree(process, signal.SIGKILL)
-    kept = complete_checkpoints(checkpoints)
+    kept = complete_checkpoints(tmp_path)
     assert kept, "no complete checkpoint survived"
     resumed_from = int(kept[-1].name.split("-")[1])
     args[args.index("train.max_steps=400")] = f"train.max_steps={resumed_from + 3}"
@@ -149,11 +147,11 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_previous_one(tiny_dataset: Pa
     assert crashed.returncode != 0
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "step-00000004").is_dir()  # DeepSpeed wrote its files ...
-    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step-00000002"]  # ... but never committed
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000002"]  # ... but never committed
     assert (checkpoints / "latest").read_text().strip() == "step-00000002"
     done = run_distributed(2, "pretrain", *args)
     assert "resumed from" in done.stdout and "at step 2" in done.stdout
-    assert [p.name for p in complete_checkpoints(checkpoints)][-1] == "step-00000006"
+    assert [p.name for p in complete_checkpoints(tmp_path)][-1] == "step-00000006"
 
 
 def test_non_finite_loss_skips_the_step_then_stops_when_it_persists(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -175,7 +173,7 @@ def test_non_finite_loss_skips_the_step_then_stops_when_it_persists(tiny_dataset
     )
     assert done.returncode != 0
     assert "2 non-finite losses in a row" in done.stdout
-    assert [p.name for p in complete_checkpoints(persistent / "checkpoints")] == ["step-00000004"]
+    assert [p.name for p in complete_checkpoints(persistent)] == ["step-00000004"]
 
 
 def test_sigterm_checkpoints_and_the_same_command_resumes(tiny_dataset: Path, tmp_path: Path) -> None:
@@ -189,7 +187,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tiny_dataset: Path, tm
     output, _ = process.communicate(timeout=180)
     assert process.returncode == 0, output[-3000:]
     assert "stopped at step" in output and "run the same command to resume" in output
-    saved = complete_checkpoints(tmp_path / "checkpoints")
+    saved = complete_checkpoints(tmp_path)
     assert len(saved) == 1
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["state"] == "stopped" and status["requeue"] is False  # a SIGTERM stop does not ask to come back

@@ -21,22 +21,16 @@ turns that node's tracker off: measuring never stops training.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import time
 from dataclasses import asdict, astuple, dataclass, fields
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import Any
 
 from common.errors import ConfigProblems
-from pretrain.callbacks.base import Callback
-from pretrain.distributed import all_reduce_sum
-
-if TYPE_CHECKING:
-    from pretrain.trainer import Trainer
+from pretrain.core.callbacks.base import MEASURE, Callback, TrainerView, fail_soft
+from pretrain.core.library_internals import codecarbon_countries, codecarbon_has_started, codecarbon_measure_now
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -61,11 +55,8 @@ class CarbonConfig:
         problems = ConfigProblems()
         if not self.enabled:
             return problems
-        from codecarbon.input import DataSource  # CodeCarbon's own table of countries
-
-        countries = DataSource().get_global_energy_mix_data()
         problems.check(
-            self.country_iso_code in countries,
+            self.country_iso_code in codecarbon_countries(),
             "carbon.country_iso_code",
             self.country_iso_code,
             "is not in CodeCarbon's energy-mix table; use an ISO 3166-1 alpha-3 code such as USA, FRA, DEU",
@@ -105,9 +96,11 @@ def node_rank(rank: int) -> int:
 
 class CarbonTracker(Callback):
     state_key = "carbon"
+    order = MEASURE
 
-    def __init__(self, config: CarbonConfig) -> None:
+    def __init__(self, config: CarbonConfig, max_steps: int) -> None:
         self.config = config
+        self.max_steps = max_steps  # the planned run, for the projected total
         self.tracker: Any = None  # CodeCarbon's OfflineEmissionsTracker, on local rank 0 only
         self.node = 0
         self.restored = CarbonTotals()  # the run's totals at the checkpoint this invocation resumed from
@@ -120,33 +113,35 @@ class CarbonTracker(Callback):
         self._last_time = 0.0
         self._last_energy = 0.0
         self._projection_printed = False
+        self._trainer: TrainerView | None = None  # for the collective refresh inside state_dict
 
     # ------------------------------------------------------------------------------------------ hooks
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         if not self.config.enabled:
             return
         self._active = True
+        self._trainer = trainer
         self._start_step = trainer.state.step
         # A resumed run whose budget is already spent stops before its first step (every rank read the same
         # checkpoint, so every rank agrees), with nothing to measure.
         self._check_budget(trainer, self.restored.emissions_kg_co2eq)
-        if trainer.world.local_rank == 0 and trainer.stop_reason is None:
+        if trainer.world.local_rank == 0 and trainer.outcome is None:
             self.node = node_rank(trainer.world.rank)
             self._guard(self._start_tracker, trainer)
         self._last_time = time.monotonic()  # energy counts from the tracker's start, and so does power_w's clock
 
-    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_log(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if not self._active:
             return
         now = time.monotonic()
-        self._refresh()
+        self._refresh(trainer)
         if not self._nodes_measured:
             return  # every tracker failed before its first reading (reported): no figures rather than zeros
         total = self.restored + self.current
         emissions = total.emissions_kg_co2eq
         steps_here = trainer.state.step - self._start_step
         per_step = self.current.emissions_kg_co2eq / steps_here if steps_here else math.nan
-        max_steps = trainer.config.train.max_steps
+        max_steps = self.max_steps
         projected = emissions + per_step * max(max_steps - trainer.state.step, 0)
         tokens = trainer.state.consumed_tokens
         metrics.update(asdict(total))
@@ -159,13 +154,13 @@ class CarbonTracker(Callback):
             self._print_projection(trainer, total, projected, per_step)
         self._check_budget(trainer, emissions)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if not self._active:
             return
         # The final reading comes from stopping the tracker, so the CSV's last row and the totals saved in the
         # final checkpoint are the same figures. (The end-of-run evaluation and checkpoint write that follow
         # are not measured: seconds, against a whole run.)
-        self._refresh(final=True)
+        self._refresh(trainer, final=True)
         self._active = False
         if trainer.world.is_main and self._nodes_measured:
             total = self.restored + self.current
@@ -179,29 +174,29 @@ class CarbonTracker(Callback):
     def state_dict(self) -> dict[str, Any]:
         if not self.config.enabled:
             return {}
-        if self._active:
+        if self._active and self._trainer is not None:
             # Totals as of this checkpoint. save_checkpoint is collective (every rank calls it, hence this, at
             # the same point), so the all-reduce inside is safe.
-            self._refresh()
+            self._refresh(self._trainer)
         return asdict(self.restored + self.current)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.restored = CarbonTotals.from_state(state)
 
     # ------------------------------------------------------------------------------------ measuring
-    def _start_tracker(self, trainer: Trainer) -> None:
+    def _start_tracker(self, trainer: TrainerView) -> None:
         from codecarbon import OfflineEmissionsTracker, OutputMethod
 
         # CodeCarbon logs before it reads its log_level argument; quiet it from the start.
         logging.getLogger("codecarbon").setLevel(self.config.log_level.upper())
-        out = trainer.run_dir / "emissions"
-        out.mkdir(parents=True, exist_ok=True)
+        csv = trainer.run_dir.emissions_csv(self.node)
+        csv.parent.mkdir(parents=True, exist_ok=True)
         tracker = OfflineEmissionsTracker(
             country_iso_code=self.config.country_iso_code,
             region=self.config.region,
             project_name=trainer.run_dir.name,
-            output_dir=str(out),
-            output_file=f"node-{self.node}.csv",
+            output_dir=str(csv.parent),
+            output_file=csv.name,
             output_methods=[OutputMethod.CSV],
             # "update": one row per invocation (CodeCarbon run id), rewritten at each reading.
             on_csv_write="update",
@@ -214,14 +209,14 @@ class CarbonTracker(Callback):
         )
         tracker.start()
         # CodeCarbon's constructor and start() catch their own errors and only log them.
-        if getattr(tracker, "_start_time", None) is None:
+        if not codecarbon_has_started(tracker):
             raise RuntimeError("CodeCarbon's tracker did not start; run with carbon.log_level=warning to see why")
         self.tracker = tracker
         hardware = tracker.get_detected_hardware()
         print(
             f"carbon: CodeCarbon measures node {self.node} ({hardware.get('cpu_model')}, "
             f"{hardware.get('gpu_count') or 0} GPU(s), {hardware.get('ram_total_size') or 0:.0f} GB RAM) "
-            f"-> {out / f'node-{self.node}.csv'}",
+            f"-> {csv}",
             flush=True,
         )
 
@@ -234,53 +229,44 @@ class CarbonTracker(Callback):
             if data is None:
                 raise RuntimeError("CodeCarbon's tracker did not stop cleanly")
         else:
-            # What tracker.flush() does, minus its catch-all (flush() logs and swallows errors and returns only
-            # the kg; we need every total and to know when measuring failed), and measuring even when the last
-            # sample is recent: flush() skips samples under 50 ms old, which leaves short log intervals with no
-            # energy and the next with twice its share (power_w would read 0 W, then double).
-            tracker._measure_power_and_energy()
-            data = tracker._prepare_emissions_data()
-            tracker._persist_data(data, tracker._compute_emissions_delta(data), tracker._experiment_name)
+            # Not tracker.flush(): it swallows errors, returns only the kg, and skips samples under 50 ms old,
+            # which would leave short log intervals with no energy (power_w 0 W, then double).
+            data = codecarbon_measure_now(tracker)
         self._local = CarbonTotals(
             data.energy_consumed, data.cpu_energy, data.gpu_energy, data.ram_energy, data.emissions
         )
         self._local_measured = True
 
-    def _refresh(self, final: bool = False) -> None:
+    def _refresh(self, trainer: TrainerView, final: bool = False) -> None:
         """Collective: every rank calls it together. Sums the nodes' readings into self.current."""
         if self.tracker is not None:
             self._guard(self._read_local, final)
         # A failed tracker keeps contributing its last good reading, so the totals never go backwards.
         local = [*astuple(self._local), float(self._local_measured)]
-        summed = all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        summed = trainer.all_reduce_sum(local)
         self.current = CarbonTotals(*summed[:-1])
         self._nodes_measured = round(summed[-1])
 
     def _guard(self, action: Any, *args: Any) -> None:
-        try:
-            action(*args)
-        except Exception as error:  # a tracker failure must never stop training
-            tracker, self.tracker = self.tracker, None
-            if tracker is not None:
-                with contextlib.suppress(Exception):  # its background threads; it may fail again, quietly
-                    tracker.stop()
-            reason = " ".join(f"{type(error).__name__}: {error}".split())
-            print(
-                f"warning: carbon tracking of node {self.node} is off for this run after an error: {reason}", flush=True
-            )
+        fail_soft(f"carbon tracking of node {self.node}", self._drop_tracker, action, *args)
+
+    def _drop_tracker(self) -> None:
+        tracker, self.tracker = self.tracker, None
+        if tracker is not None:
+            tracker.stop()  # its background threads
 
     # -------------------------------------------------------------------------------------- budget
-    def _check_budget(self, trainer: Trainer, emissions: float) -> None:
+    def _check_budget(self, trainer: TrainerView, emissions: float) -> None:
         budget = self.config.max_kg_co2eq
-        if budget is None or emissions < budget or trainer.stop_reason is not None:
+        if budget is None or emissions < budget:
             return
-        trainer.stop_reason = (
+        trainer.request_stop(
             f"carbon budget reached: {emissions:.4g} kg CO2eq >= carbon.max_kg_co2eq={budget:g}; raise "
             "carbon.max_kg_co2eq (or set it to null) and run the same command to continue"
         )
 
-    def _print_projection(self, trainer: Trainer, total: CarbonTotals, projected: float, per_step: float) -> None:
-        max_steps = trainer.config.train.max_steps
+    def _print_projection(self, trainer: TrainerView, total: CarbonTotals, projected: float, per_step: float) -> None:
+        max_steps = self.max_steps
         line = (
             f"carbon: {total.energy_kwh:.4g} kWh, {total.emissions_kg_co2eq:.4g} kg CO2eq so far "
             f"({self._nodes_measured} node(s)); projected {projected:.4g} kg CO2eq for {max_steps} steps"

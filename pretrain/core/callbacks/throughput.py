@@ -6,24 +6,23 @@ inside an interval do not dilute the figure.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pretrain.callbacks.base import Callback
-
-if TYPE_CHECKING:
-    from pretrain.trainer import Trainer
+from pretrain.core.callbacks.base import MEASURE, Callback, TrainerView
 
 
 class Throughput(Callback):
+    order = MEASURE
+
     def __init__(self, flops_per_token: float) -> None:
         self.flops_per_token = flops_per_token
         self._seconds = 0.0
         self._tokens = 0
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         self._seconds, self._tokens = trainer.step_seconds, trainer.state.consumed_tokens
 
-    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_log(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         tokens = trainer.state.consumed_tokens - self._tokens
         seconds = max(trainer.step_seconds - self._seconds, 1e-9)
         metrics["tokens_per_second"] = tokens / seconds

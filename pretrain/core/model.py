@@ -5,88 +5,20 @@ GPT-2 (Radford et al., 2019) by default: pre-LayerNorm blocks and a final LayerN
 Token and learned position embeddings, causal self-attention through `scaled_dot_product_attention` (flash
 attention on GPUs), a GELU MLP, input and output embeddings tied, GPT-2 initialisation.
 
-Parallelism never appears here: DeepSpeed wraps this module in `pretrain/engine.py`.
+Parallelism never appears here: DeepSpeed wraps this module in `pretrain/core/engine.py`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import ConfigProblems
+from pretrain.core.model_config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class ModelConfig:
-    """Shape of the transformer. Presets live in conf/model/*.yaml."""
-
-    name: str = "custom"
-    # Taken from the dataset's manifest when unset; must equal it when set.
-    vocab_size: int | None = None
-    n_layer: int = 12
-    n_head: int = 12
-    d_model: int = 768
-    # Longest context; learned position embeddings have this many rows.
-    max_seq_len: int = 1024
-    dropout: float = 0.0
-    # "pre" (GPT-2, default) or "post" (original GPT: LayerNorm after each residual add, no final one).
-    norm: str = "pre"
-    # "gelu_tanh" (the tanh approximation of GPT-2 and GPT-1) or "gelu" (the exact erf form; Hugging Face's
-    # OpenAIGPT "gelu" is the tanh approximation, so post-LN models with exact GELU do not export exactly).
-    activation: str = "gelu_tanh"
-    mlp_ratio: int = 4
-    bias: bool = True
-    layer_norm_eps: float = 1e-5
-    init_std: float = 0.02
-    # Mask attention across document boundaries recorded in the shards (doc_starts).
-    doc_mask: bool = False
-
-    def problems(self) -> ConfigProblems:
-        problems = ConfigProblems()
-        for key in ("n_layer", "n_head", "d_model", "max_seq_len", "mlp_ratio"):
-            value = getattr(self, key)
-            problems.check(value >= 1, f"model.{key}", value, "must be >= 1")
-        if self.n_head >= 1 and self.d_model % self.n_head:
-            problems.add("model.n_head", self.n_head, f"must divide model.d_model={self.d_model}")
-        problems.check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
-        problems.check(self.norm in ("pre", "post"), "model.norm", self.norm, "must be pre or post")
-        problems.check(
-            self.activation in ("gelu", "gelu_tanh"),
-            "model.activation",
-            self.activation,
-            "must be gelu or gelu_tanh",
-        )
-        return problems
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    def num_params(self, vocab_size: int, include_embeddings: bool = True) -> int:
-        d, layers = self.d_model, self.n_layer
-        bias = 1 if self.bias else 0
-        per_layer = (
-            4 * d * d
-            + 4 * d * bias  # attention: qkv and output projection
-            + 2 * self.mlp_ratio * d * d
-            + (self.mlp_ratio + 1) * d * bias  # MLP
-            + 4 * d  # two LayerNorms
-        )
-        total = layers * per_layer + (2 * d if self.norm == "pre" else 0)
-        if include_embeddings:
-            total += vocab_size * d + self.max_seq_len * d
-        return total
-
-    def flops_per_token(self, vocab_size: int, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B: 6N + 12 L T d."""
-        dense = self.num_params(vocab_size, include_embeddings=False) + vocab_size * self.d_model
-        return 6.0 * dense + 12.0 * self.n_layer * seq_len * self.d_model
 
 
 class CausalSelfAttention(nn.Module):
@@ -168,22 +100,31 @@ def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same_document & causal).unsqueeze(1)
 
 
+def embedding_layers(config: ModelConfig) -> tuple[nn.Embedding, nn.Embedding, nn.Dropout]:
+    """Token embedding (tied to the output head), learned positions, embedding dropout."""
+    assert config.vocab_size is not None, "vocab_size is resolved from the dataset before a model is built"
+    return (
+        nn.Embedding(config.vocab_size, config.d_model),
+        nn.Embedding(config.max_seq_len, config.d_model),
+        nn.Dropout(config.dropout),
+    )
+
+
+def final_norm(config: ModelConfig) -> nn.Module:
+    # Post-LN models end on a normalized residual already; pre-LN ones need a final LayerNorm.
+    if config.norm == "pre":
+        return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+    return nn.Identity()
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        assert config.vocab_size is not None, "vocab_size is resolved from the manifest before building"
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
+        self.wte, self.wpe, self.drop = embedding_layers(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        # Post-LN models end on a normalized residual already; pre-LN ones need a final LayerNorm.
-        self.ln_f = (
-            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
-            if config.norm == "pre"
-            else nn.Identity()
-        )
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.ln_f = final_norm(config)
+        self.lm_head = nn.Linear(config.d_model, self.wte.num_embeddings, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings
         self.apply(self._init_weights)
 

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pretrain.callbacks.base import Callback
-
-if TYPE_CHECKING:
-    from pretrain.trainer import Trainer
+from pretrain.core.callbacks.base import RECORD, Callback, TrainerView
 
 
 class ConsoleLogger(Callback):
-    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    order = RECORD
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+
+    def on_log(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if trainer.world.is_main:
             skipped = f" | skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
             print(
-                f"step {metrics['step']:>6}/{trainer.config.train.max_steps} | loss {metrics['loss']:.4f} | "
+                f"step {metrics['step']:>6}/{self.max_steps} | loss {metrics['loss']:.4f} | "
                 f"lr {metrics['lr']:.2e} | grad_norm {metrics['grad_norm']:.3f} | "
                 f"{metrics.get('tokens_per_second', 0.0):,.0f} tok/s | tokens {metrics['tokens']:,}{skipped}",
                 flush=True,
             )
 
-    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_eval(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if trainer.world.is_main:
             print(
                 f"eval {metrics['step']:>6} | val_loss {metrics['val_loss']:.4f} | "

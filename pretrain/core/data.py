@@ -33,6 +33,8 @@ from common.errors import UserError
 from data_prep.manifest import Manifest
 
 BLOCK = 512
+# A collated micro-batch: input_ids (B, T), targets (B, T), segment_ids (B, T), indices (B,) sample numbers.
+Batch = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -216,7 +218,7 @@ class CursorSampler(Sampler[int]):
             cursor += self.layout.global_batch_size
 
 
-def collate(samples: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+def collate(samples: list[tuple[torch.Tensor, torch.Tensor, int]]) -> Batch:
     tokens = torch.stack([s[0] for s in samples])  # (B, L + 1)
     return {
         "input_ids": tokens[:, :-1],

@@ -12,24 +12,17 @@ line and turns W&B off for the rest of the invocation: tracking never stops trai
 
 from __future__ import annotations
 
-import contextlib
 import re
 import secrets
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from common.app import to_container
 from common.errors import ConfigProblems
-from pretrain.callbacks.base import Callback
-
-if TYPE_CHECKING:
-    from pretrain.trainer import Trainer
+from pretrain.core.callbacks.base import RECORD, Callback, TrainerView, fail_soft
 
 MODES = ("online", "offline", "disabled")
-# Where the run id lives in the run directory (the checkpoint holds a copy).
-RUN_ID_FILE = Path("wandb") / "run_id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what W&B accepts in a run's URL
 
 
@@ -65,29 +58,32 @@ class WandbConfig:
 
 class WandbRun(Callback):
     state_key = "wandb"
+    order = RECORD
 
-    def __init__(self, config: WandbConfig) -> None:
+    def __init__(self, config: WandbConfig, run_config: dict[str, Any]) -> None:
         self.config = config
+        self.run_config = run_config  # the resolved run config, logged as the W&B run's config
         self.run: Any = None  # the wandb Run, on global rank 0 while tracking works
         self.run_id: str | None = None  # restored from the checkpoint, then the id in use
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         if trainer.world.is_main and self.config.mode != "disabled":
             self._guard(self._start, trainer)
 
-    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_log(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if self.run is not None:
             self._guard(self.run.log, dict(metrics))
 
-    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_eval(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if self.run is not None:
             self._guard(self.run.log, dict(metrics))
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if self.run is not None:
             run, self.run = self.run, None
-            run.summary["stop_reason"] = trainer.stop_reason or ""
-            self._finish(run, exit_code=1 if trainer.failed else 0)
+            outcome = trainer.outcome
+            run.summary["stop_reason"] = (outcome.reason if outcome else None) or ""
+            self._finish(run, exit_code=1 if outcome and outcome.state == "failed" else 0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"id": self.run_id} if self.run_id else {}
@@ -95,23 +91,23 @@ class WandbRun(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.run_id = state.get("id") or None
 
-    def _start(self, trainer: Trainer) -> None:
+    def _start(self, trainer: TrainerView) -> None:
         import wandb  # here, so that runs with W&B disabled never import it
 
-        id_file = trainer.run_dir / RUN_ID_FILE
+        id_file = trainer.run_dir.wandb_run_id
         stored = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None
         # An explicit id wins; then the checkpoint's (the state this invocation resumes); then the run
         # directory's (a restart before the first checkpoint); else a new run.
         self.run_id = self.config.id or self.run_id or stored or new_run_id()
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(self.run_id + "\n", encoding="utf-8")
-        root = Path(self.config.dir) if self.config.dir else trainer.run_dir
+        root = Path(self.config.dir) if self.config.dir else trainer.run_dir.root
         root.mkdir(parents=True, exist_ok=True)  # W&B would fall back to /tmp, outside the run directory
         run = wandb.init(
             mode=self.config.mode,  # type: ignore[arg-type]
             project=self.config.project,
             entity=self.config.entity,
-            name=self.config.name or trainer.run_dir.resolve().name,
+            name=self.config.name or trainer.run_dir.name,
             group=self.config.group,
             tags=list(self.config.tags),
             id=self.run_id,
@@ -122,9 +118,7 @@ class WandbRun(Callback):
         )
         self.run = run
         # The config may legitimately change between invocations (world size, steps_per_run, ...).
-        run.config.update(
-            {**to_container(trainer.config), "world_size": trainer.world.world_size}, allow_val_change=True
-        )
+        run.config.update({**self.run_config, "world_size": trainer.world.world_size}, allow_val_change=True)
         run.define_metric("step")
         run.define_metric("tokens")
         run.define_metric("*", step_metric="step")
@@ -135,22 +129,12 @@ class WandbRun(Callback):
             print(f"wandb: run {self.run_id}: {run.url}", flush=True)
 
     def _finish(self, run: Any, exit_code: int) -> None:
-        try:
-            run.finish(exit_code=exit_code)
-        except Exception as error:
-            self._report(error)
+        fail_soft("W&B tracking", lambda: None, run.finish, exit_code)
 
     def _guard(self, action: Any, *args: Any) -> None:
-        try:
-            action(*args)
-        except Exception as error:  # a tracker failure must never stop training
-            run, self.run = self.run, None
-            self._report(error)
-            if run is not None:
-                with contextlib.suppress(Exception):  # already reported once; W&B may be past saving
-                    run.finish(exit_code=1)
+        fail_soft("W&B tracking", self._drop_run, action, *args)
 
-    @staticmethod
-    def _report(error: Exception) -> None:
-        reason = " ".join(f"{type(error).__name__}: {error}".split())
-        print(f"warning: W&B tracking is off for this run after an error: {reason}", flush=True)
+    def _drop_run(self) -> None:
+        run, self.run = self.run, None
+        if run is not None:
+            run.finish(exit_code=1)

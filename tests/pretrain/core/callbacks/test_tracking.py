@@ -14,11 +14,10 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from pretrain.callbacks.carbon import CarbonConfig
-from pretrain.callbacks.metrics_file import read_metrics
-from pretrain.callbacks.wandb_run import WandbConfig
-from pretrain.checkpoint import complete_checkpoints, read_state
-from tests.support import run_distributed, tiny_run_args
+from pretrain.core.callbacks.carbon import CarbonConfig
+from pretrain.core.callbacks.metrics_file import read_metrics
+from pretrain.core.callbacks.wandb_run import WandbConfig
+from tests.support import complete_checkpoints, read_state, run_distributed, tiny_run_args
 
 CARBON_METRICS = (
     "energy_kwh",
@@ -89,11 +88,11 @@ def test_tracked_run_resumes_the_same_wandb_run_and_carbon_totals(tiny_dataset: 
     first = run_distributed(2, "pretrain", *args, "train.steps_per_run=3")
     assert "stopped at step 3" in first.stdout
     run_id = (tmp_path / "wandb" / "run_id").read_text().strip()
-    after_first = read_state(complete_checkpoints(tmp_path / "checkpoints")[-1])["callbacks"]
+    after_first = read_state(complete_checkpoints(tmp_path)[-1])["callbacks"]
     assert after_first["wandb"] == {"id": run_id}
     resumed = run_distributed(2, "pretrain", *args)
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
-    final = read_state(complete_checkpoints(tmp_path / "checkpoints")[-1])["callbacks"]
+    final = read_state(complete_checkpoints(tmp_path)[-1])["callbacks"]
     assert final["wandb"] == {"id": run_id}
 
     # W&B: one offline folder per invocation, both holding the same run id, read back with wandb's records.
@@ -148,7 +147,7 @@ def test_carbon_budget_stops_the_run_with_a_checkpoint(tiny_dataset: Path, tmp_p
     assert "carbon budget reached" in stopped.stdout and "projected" in stopped.stdout
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["state"] == "stopped" and "carbon.max_kg_co2eq=1e-09" in status["reason"]
-    saved = complete_checkpoints(tmp_path / "checkpoints")
+    saved = complete_checkpoints(tmp_path)
     step = status["step"]
     assert [p.name for p in saved] == [f"step-{step:08d}"] and step < 200
     assert read_state(saved[-1])["callbacks"]["carbon"]["emissions_kg_co2eq"] >= 1e-9
@@ -169,7 +168,7 @@ def test_tracking_switched_off_and_failing_trackers_never_stop_training(tiny_dat
     )
     assert not (off / "wandb").exists() and not (off / "emissions").exists()
     assert all("energy_kwh" not in e for e in train_entries(off).values()) and len(train_entries(off)) == 2
-    assert read_state(complete_checkpoints(off / "checkpoints")[-1])["callbacks"] == {"carbon": {}, "wandb": {}}
+    assert read_state(complete_checkpoints(off)[-1])["callbacks"] == {"carbon": {}, "wandb": {}}
 
     # Real failures: the emissions folder's place is taken by a file, and W&B's dir is a file too.
     broken = tmp_path / "broken"

@@ -1,9 +1,11 @@
 """Typed configuration of `python -m pretrain`, registered with Hydra's ConfigStore.
 
 `conf/train.yaml` composes it: `model=<preset>` picks conf/model/<preset>.yaml, `experiment=<name>` applies
-conf/experiment/<name>.yaml. `validate_run` checks the fields together with what needs the dataset's manifest
-and the world size, at start-up before any process group or engine exists, and reports every problem in one
-message.
+conf/experiment/<name>.yaml. Each dataclass checks its own fields in `problems()`; `run_problems` adds the checks
+that span fields, need the dataset's manifest or the world size. `validate_run` raises all of them in one
+message, at start-up, before any process group or engine exists.
+
+This module imports no torch, no W&B and no CodeCarbon: `python -m launch` loads and validates it on a login node.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from hydra.core.config_store import ConfigStore
 
 from common.errors import ConfigProblems
 from data_prep.manifest import Manifest
-from pretrain.callbacks.carbon import CarbonConfig
-from pretrain.callbacks.wandb_run import WandbConfig
-from pretrain.model import ModelConfig
+from pretrain.core.callbacks.carbon import CarbonConfig
+from pretrain.core.callbacks.wandb_run import WandbConfig
+from pretrain.core.model_config import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -58,6 +60,23 @@ class TrainConfig:
     # of the data order: which samples every step saw, across restarts).
     trace_samples: bool = False
 
+    def problems(self) -> ConfigProblems:
+        problems = ConfigProblems()
+        for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval"):
+            value = getattr(self, key)
+            problems.check(value >= 1, f"train.{key}", value, "must be >= 1")
+        problems.check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        problems.check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        problems.check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        problems.check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        problems.check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
+        problems.check(self.steps_per_run >= 0, "train.steps_per_run", self.steps_per_run, "must be >= 0")
+        problems.check(self.num_workers >= 0, "train.num_workers", self.num_workers, "must be >= 0")
+        problems.check(
+            self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1"
+        )
+        return problems
+
 
 @dataclass
 class EvalConfig:
@@ -67,6 +86,12 @@ class EvalConfig:
     samples: int = 256
     at_end: bool = True
 
+    def problems(self) -> ConfigProblems:
+        problems = ConfigProblems()
+        problems.check(self.interval >= 0, "eval.interval", self.interval, "must be >= 0")
+        problems.check(self.samples >= 1, "eval.samples", self.samples, "must be >= 1")
+        return problems
+
 
 @dataclass
 class CheckpointConfig:
@@ -74,6 +99,12 @@ class CheckpointConfig:
     interval: int = 500
     # Complete checkpoints kept; older ones are deleted once a newer one is complete.
     keep_last: int = 3
+
+    def problems(self) -> ConfigProblems:
+        problems = ConfigProblems()
+        problems.check(self.interval >= 0, "checkpoint.interval", self.interval, "must be >= 0")
+        problems.check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+        return problems
 
 
 @dataclass
@@ -84,6 +115,17 @@ class ParallelConfig:
     pipeline_stages: int = 1
     # How DeepSpeed balances layers over stages: "parameters", "uniform" or "type:<LayerClass>" (e.g. type:BlockPipe).
     partition_method: str = "parameters"
+
+    def problems(self) -> ConfigProblems:
+        problems = ConfigProblems()
+        problems.check(self.pipeline_stages >= 1, "parallel.pipeline_stages", self.pipeline_stages, "must be >= 1")
+        problems.check(
+            self.partition_method in ("parameters", "uniform") or self.partition_method.startswith("type:"),
+            "parallel.partition_method",
+            self.partition_method,
+            "must be parameters, uniform or type:<LayerClass>",
+        )
+        return problems
 
 
 @dataclass
@@ -112,36 +154,14 @@ class RunConfig:
     # Extra DeepSpeed config keys, merged over the generated config (e.g. {"zero_optimization": {...}}).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
-    # No __post_init__ check here: some checks need the manifest and the world size, and every problem is
-    # reported in one message, so `validate_run` runs them all together at start-up.
-
-    def field_problems(self) -> ConfigProblems:
+    def problems(self) -> ConfigProblems:
+        """This config's own fields and its sections' (cross-field, dataset and world-size checks: run_problems)."""
         problems = self.model.problems()
-        train = self.train
         problems.check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
         problems.check(self.precision in PRECISIONS, "precision", self.precision, "must be fp32, bf16 or fp16")
-        for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval"):
-            value = getattr(train, key)
-            problems.check(value >= 1, f"train.{key}", value, "must be >= 1")
-        problems.check(train.lr > 0, "train.lr", train.lr, "must be > 0")
-        problems.check(0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", train.min_lr_ratio, "must be in [0, 1]")
-        problems.check(train.warmup_steps >= 0, "train.warmup_steps", train.warmup_steps, "must be >= 0")
-        problems.check(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "must be >= 0")
-        problems.check(train.grad_clip >= 0, "train.grad_clip", train.grad_clip, "must be >= 0 (0 disables)")
-        problems.check(train.steps_per_run >= 0, "train.steps_per_run", train.steps_per_run, "must be >= 0")
-        problems.check(train.num_workers >= 0, "train.num_workers", train.num_workers, "must be >= 0")
-        problems.check(
-            train.max_nonfinite_steps >= 1,
-            "train.max_nonfinite_steps",
-            train.max_nonfinite_steps,
-            "must be >= 1",
-        )
-        problems.check(self.eval.interval >= 0, "eval.interval", self.eval.interval, "must be >= 0")
-        problems.check(self.eval.samples >= 1, "eval.samples", self.eval.samples, "must be >= 1")
-        problems.check(self.checkpoint.interval >= 0, "checkpoint.interval", self.checkpoint.interval, "must be >= 0")
-        problems.check(
-            self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, "must be >= 1"
-        )
+        problems.extend(self.train.problems())
+        problems.extend(self.eval.problems())
+        problems.extend(self.checkpoint.problems())
         problems.check(bool(self.run_dir), "run_dir", self.run_dir, "must name a directory")
         problems.check(
             self.activation_checkpointing_interval >= 1,
@@ -149,36 +169,7 @@ class RunConfig:
             self.activation_checkpointing_interval,
             "must be >= 1",
         )
-        parallel = self.parallel
-        stages = parallel.pipeline_stages
-        problems.check(stages >= 1, "parallel.pipeline_stages", stages, "must be >= 1")
-        problems.check(
-            parallel.partition_method in ("parameters", "uniform") or parallel.partition_method.startswith("type:"),
-            "parallel.partition_method",
-            parallel.partition_method,
-            "must be parameters, uniform or type:<LayerClass>",
-        )
-        if stages > 1:
-            problems.check(
-                stages <= self.model.n_layer,
-                "parallel.pipeline_stages",
-                stages,
-                f"must be <= model.n_layer ({self.model.n_layer}): every stage needs at least one block",
-            )
-            problems.check(
-                self.zero_stage <= 1,
-                "zero_stage",
-                self.zero_stage,
-                f"with parallel.pipeline_stages={stages}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only "
-                "(stages 2 and 3 partition gradients and parameters across the ranks a pipeline needs whole); use "
-                "zero_stage=1 with pipelines, or parallel.pipeline_stages=1 with zero_stage=3",
-            )
-            problems.check(
-                not self.model.doc_mask,
-                "model.doc_mask",
-                self.model.doc_mask,
-                f"is not supported with parallel.pipeline_stages={stages} yet; use pipeline_stages=1 for masking",
-            )
+        problems.extend(self.parallel.problems())
         problems.extend(self.wandb.problems())
         problems.extend(self.carbon.problems())
         return problems
@@ -197,9 +188,30 @@ def validate_run(config: RunConfig, manifest: Manifest | None, world_size: int) 
 
 def run_problems(config: RunConfig, manifest: Manifest | None, world_size: int) -> ConfigProblems:
     """The problems `validate_run` reports (for launchers that add their own to the same message)."""
-    problems = config.field_problems()
+    problems = config.problems()
     train, model = config.train, config.model
     stages = config.parallel.pipeline_stages
+    if stages > 1:
+        problems.check(
+            stages <= model.n_layer,
+            "parallel.pipeline_stages",
+            stages,
+            f"must be <= model.n_layer ({model.n_layer}): every stage needs at least one block",
+        )
+        problems.check(
+            config.zero_stage <= 1,
+            "zero_stage",
+            config.zero_stage,
+            f"with parallel.pipeline_stages={stages}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only "
+            "(stages 2 and 3 partition gradients and parameters across the ranks a pipeline needs whole); use "
+            "zero_stage=1 with pipelines, or parallel.pipeline_stages=1 with zero_stage=3",
+        )
+        problems.check(
+            not model.doc_mask,
+            "model.doc_mask",
+            model.doc_mask,
+            f"is not supported with parallel.pipeline_stages={stages} yet; use pipeline_stages=1 for masking",
+        )
     if stages >= 1 and world_size % stages:
         problems.add(
             "parallel.pipeline_stages",

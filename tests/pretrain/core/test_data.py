@@ -8,7 +8,7 @@ import numpy as np
 import webdataset as wds
 
 from data_prep.manifest import load_manifest
-from pretrain.data import BatchLayout, CursorSampler, GlobalOrder, TokenSamples, build_index, eval_batches
+from pretrain.core.data import BatchLayout, CursorSampler, GlobalOrder, TokenSamples, build_index, eval_batches
 
 
 def test_ranks_and_micro_steps_partition_each_global_batch() -> None:

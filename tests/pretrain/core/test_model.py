@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from pretrain.core.model import GPT
+from pretrain.core.model_config import ModelConfig
 from pretrain.generate import GenerateConfig, generate_ids
-from pretrain.model import GPT, ModelConfig
 
 
 def tiny(**overrides) -> GPT:

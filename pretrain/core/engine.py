@@ -2,13 +2,15 @@
 
 In order:
 (1) the pipeline: with `parallel.pipeline_stages > 1` the plain model becomes a `PipelineModule` over the
-    same blocks and weights (pretrain/pipeline.py), which also applies activation checkpointing per layer;
+    same blocks and weights (pipeline_model.py), which also applies activation checkpointing per layer;
 (2) activation checkpointing on the plain path: every k-th block is wrapped so its activations are
     recomputed in the backward pass (torch's non-reentrant checkpoint, which replays dropout's RNG);
 (3) AdamW over two parameter groups (decay on matrices only) and the warmup + cosine schedule;
 (4) the DeepSpeed config generated from the typed run config, with `deepspeed: {...}` merged over it;
 (5) `deepspeed.initialize`, which applies ZeRO partitioning, mixed precision, gradient accumulation, and
-    returns a `PipelineEngine` for a `PipelineModule`.
+    returns a `PipelineEngine` for a `PipelineModule`;
+(6) the step object the loop drives (steps.py): `PlainStep` or `PipelineStep`, with this rank's coordinate
+    in the data-parallel dimension.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from pretrain.config import RunConfig
-from pretrain.model import GPT
+from pretrain.core.config import RunConfig
+from pretrain.core.library_internals import checkpoint_wrapper_tools, pipeline_grid
+from pretrain.core.model import GPT
+from pretrain.core.steps import PipelineStep, PlainStep, TrainStep
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -137,12 +141,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def checkpoint_blocks(model: GPT, interval: int) -> None:
     """Recompute the activations of every `interval`-th block in the backward pass."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl,
-        apply_activation_checkpointing,
-        checkpoint_wrapper,
-    )
-
+    apply_activation_checkpointing, checkpoint_wrapper, CheckpointImpl = checkpoint_wrapper_tools()
     chosen = {id(block) for i, block in enumerate(model.blocks) if i % interval == 0}
     apply_activation_checkpointing(
         model,
@@ -155,11 +154,11 @@ def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device:
     """Wrap `model` in a DeepSpeed engine; returns (engine, lr_scheduler)."""
     import deepspeed
 
+    from pretrain.core.pipeline_model import build_pipeline
+
     wrapped: nn.Module = model
     interval = config.activation_checkpointing_interval if config.activation_checkpointing else 0
     if config.parallel.pipeline_stages > 1:
-        from pretrain.pipeline import build_pipeline
-
         wrapped = build_pipeline(model, config.parallel.pipeline_stages, config.parallel.partition_method, interval)
     elif interval:
         checkpoint_blocks(model, interval)
@@ -174,7 +173,7 @@ def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device:
         "fused": device.type == "cuda",
     }
     guarded = config.zero_stage == 0 and config.precision == "fp32"
-    grid = getattr(wrapped, "_grid", None)  # a PipelineModule's pipeline x data grid
+    grid = pipeline_grid(wrapped)  # a PipelineModule's pipeline x data grid
     optimizer = (
         GuardedAdamW(groups, train.grad_clip, mpu=grid, **settings)
         if guarded
@@ -189,3 +188,23 @@ def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device:
         model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, scheduler
+
+
+def build_train_step(
+    model: GPT, config: RunConfig, world_size: int, rank: int, device: torch.device, seq_len: int
+) -> TrainStep:
+    """The engine around `model` and the step object that drives it, for this rank of `world_size`."""
+    engine, scheduler = build_engine(model, config, config.data_parallel_size(world_size), device)
+    if config.parallel.pipeline_stages > 1:
+        grid = engine.grid  # this rank's coordinate in the pipeline x data grid
+        data_rank, data_size = grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
+        return PipelineStep(engine, scheduler, config.train.micro_batch_size, seq_len, data_rank, data_size)
+    return PlainStep(
+        engine,
+        scheduler,
+        config.accumulation_steps(world_size),
+        device,
+        config.model.doc_mask,
+        rank,
+        world_size,
+    )

@@ -9,9 +9,9 @@ import pytest
 
 from common.errors import UserError
 from data_prep.manifest import load_manifest
-from pretrain.callbacks.metrics_file import read_metrics
-from pretrain.config import RunConfig, validate_run
-from tests.pretrain.test_training import losses, traced_samples
+from pretrain.core.callbacks.metrics_file import read_metrics
+from pretrain.core.config import RunConfig, validate_run
+from tests.pretrain.core.test_trainer import losses, traced_samples
 from tests.support import run_distributed, run_module, tiny_run_args
 
 

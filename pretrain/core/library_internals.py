@@ -1,0 +1,95 @@
+"""Every private name of another library that this project relies on, each behind one small function.
+
+A library may rename or drop a private name in any release. Keeping them here, each with a test that pins the
+behaviour we rely on (tests/pretrain/core/test_library_internals.py), turns such an upgrade into one failing
+test that names the function, instead of a training run that breaks somewhere. Imports are inside the
+functions: importing this module costs nothing (configs import it without torch).
+
+| function                     | library     | private name(s)                                              |
+|------------------------------|-------------|--------------------------------------------------------------|
+| pipeline_grid                | DeepSpeed   | PipelineModule._grid                                         |
+| local_layer_range            | DeepSpeed   | PipelineModule._local_start, _local_stop                     |
+| shutdown_loader_workers      | PyTorch     | _MultiProcessingDataLoaderIter._shutdown_workers             |
+| checkpoint_wrapper_tools     | PyTorch     | torch.distributed.algorithms._checkpoint.checkpoint_wrapper  |
+| codecarbon_has_started       | CodeCarbon  | BaseEmissionsTracker._start_time                             |
+| codecarbon_measure_now       | CodeCarbon  | _measure_power_and_energy, _prepare_emissions_data,          |
+|                              |             | _persist_data, _compute_emissions_delta, _experiment_name    |
+| codecarbon_countries         | CodeCarbon  | the file data/private_infra/global_energy_mix.json           |
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+
+
+def pipeline_grid(module: Any) -> Any:
+    """A PipelineModule's process grid (pipeline x data parallel), or None for a plain module. The engine's
+    grid is public, but the optimizer is built before the engine, and it needs the grid to clip globally."""
+    return getattr(module, "_grid", None)
+
+
+def local_layer_range(module: Any) -> range:
+    """Indices (in the whole layer list) of the layers this pipeline stage holds."""
+    return range(module._local_start, module._local_stop)
+
+
+# -------------------------------------------------------------------------------------------------- PyTorch
+
+
+def shutdown_loader_workers(iterator: Any) -> None:
+    """Stop a DataLoader iterator's worker processes now. They ignore stop signals (pretrain/core/data.py), so
+    multiprocessing's exit-time terminate() would not end them and the rank would wait on them forever; the
+    iterator's own shutdown is what its __del__ calls, at a moment we do not control."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def checkpoint_wrapper_tools() -> tuple[Callable[..., Any], Callable[..., Any], Any]:
+    """(apply_activation_checkpointing, checkpoint_wrapper, CheckpointImpl): torch's module wrapper that
+    recomputes a block's activations in the backward pass (it replays the block's dropout RNG). It is the one
+    FSDP and torchtitan use, but lives in a private module."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    return apply_activation_checkpointing, checkpoint_wrapper, CheckpointImpl
+
+
+# ----------------------------------------------------------------------------------------------- CodeCarbon
+
+
+def codecarbon_has_started(tracker: Any) -> bool:
+    """Whether tracker.start() really started: CodeCarbon's constructor and start() log their errors and return."""
+    return getattr(tracker, "_start_time", None) is not None
+
+
+def codecarbon_measure_now(tracker: Any) -> Any:
+    """Measure now and write the reading to the tracker's outputs; returns CodeCarbon's EmissionsData.
+
+    What tracker.flush() does, minus its catch-all (flush() logs and swallows errors and returns only the kg;
+    we need every total and to know when measuring failed), and measuring even when the last sample is recent:
+    flush() skips samples under 50 ms old, which leaves short log intervals with no energy and the next with
+    twice its share."""
+    tracker._measure_power_and_energy()
+    data = tracker._prepare_emissions_data()
+    tracker._persist_data(data, tracker._compute_emissions_delta(data), tracker._experiment_name)
+    return data
+
+
+def codecarbon_countries() -> set[str]:
+    """The ISO 3166-1 alpha-3 codes CodeCarbon has an energy mix for, read from its data file without importing
+    CodeCarbon (its import starts pandas and more: seconds, on a login node that only validates a config)."""
+    spec = importlib.util.find_spec("codecarbon")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("CodeCarbon is not installed: pip install codecarbon (or set carbon.enabled=false)")
+    table = Path(next(iter(spec.submodule_search_locations))) / "data" / "private_infra" / "global_energy_mix.json"
+    return set(json.loads(table.read_text(encoding="utf-8")))

@@ -1,0 +1,110 @@
+"""Pins what pretrain/core/library_internals.py relies on in other libraries' private names: an upgrade that
+changes one fails the test named after it, not a training run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pretrain.core import library_internals as internals
+from tests.support import REPO
+
+
+def test_pipeline_grid_and_local_layer_range_of_a_deepspeed_pipeline_module() -> None:
+    # A PipelineModule needs a process group: one gloo rank, in a child process so no group outlives the test.
+    script = textwrap.dedent(
+        """
+        import deepspeed, torch
+        from deepspeed.pipe import LayerSpec, PipelineModule
+        from pretrain.core import library_internals as internals
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        module = PipelineModule(layers=[LayerSpec(torch.nn.Linear, 4, 4) for _ in range(3)], num_stages=1)
+        grid = internals.pipeline_grid(module)
+        assert grid.get_data_parallel_world_size() == 1 and grid.get_pipe_parallel_world_size() == 1, grid
+        assert internals.local_layer_range(module) == range(0, 3), internals.local_layer_range(module)
+        assert internals.pipeline_grid(torch.nn.Linear(2, 2)) is None
+        print("ok")
+        """
+    )
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(__import__("common.net", fromlist=["free_port"]).free_port())
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_shutdown_loader_workers_ends_the_worker_processes() -> None:
+    import psutil
+
+    loader = DataLoader(list(range(64)), batch_size=4, num_workers=2, persistent_workers=True)
+    iterator = iter(loader)
+    next(iterator)
+    workers = [p for p in psutil.Process().children() if p.is_running()]
+    assert len(workers) >= 2
+    internals.shutdown_loader_workers(iterator)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+    internals.shutdown_loader_workers(object())  # anything without workers: nothing to do
+
+
+def test_checkpoint_wrapper_recomputes_with_the_same_output_and_gradients() -> None:
+    apply_checkpointing, wrapper, impl = internals.checkpoint_wrapper_tools()
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+    wrapped = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+    wrapped.load_state_dict(plain.state_dict())
+    apply_checkpointing(
+        wrapped,
+        checkpoint_wrapper_fn=lambda m: wrapper(m, checkpoint_impl=impl.NO_REENTRANT),
+        check_fn=lambda m: isinstance(m, nn.Linear),
+    )
+    assert any(type(m).__name__ == "CheckpointWrapper" for m in wrapped.modules())
+    x = torch.randn(4, 8)
+    plain(x).square().sum().backward()
+    wrapped(x).square().sum().backward()
+    for a, b in zip(plain.parameters(), wrapped.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_codecarbon_countries_is_codecarbons_energy_mix_table() -> None:
+    countries = internals.codecarbon_countries()
+    assert {"USA", "FRA", "DEU"} <= countries and len(countries) > 100
+    from codecarbon.input import DataSource
+
+    assert countries == set(DataSource().get_global_energy_mix_data())
+
+
+@pytest.mark.timeout(120)
+def test_codecarbon_tracker_start_and_measure_now(tmp_path: Path) -> None:
+    from codecarbon import OfflineEmissionsTracker, OutputMethod
+
+    tracker = OfflineEmissionsTracker(
+        country_iso_code="USA",
+        output_dir=str(tmp_path),
+        output_file="node-0.csv",
+        output_methods=[OutputMethod.CSV],
+        on_csv_write="update",
+        api_call_interval=-1,
+        measure_power_secs=15,
+        tracking_mode="machine",
+        log_level="error",
+    )
+    assert not internals.codecarbon_has_started(tracker)
+    tracker.start()
+    try:
+        assert internals.codecarbon_has_started(tracker)
+        sum(i * i for i in range(200_000))  # some work to measure
+        data = internals.codecarbon_measure_now(tracker)
+        for field in ("energy_consumed", "cpu_energy", "gpu_energy", "ram_energy", "emissions"):
+            assert getattr(data, field) >= 0.0, field
+        assert data.energy_consumed > 0.0
+        assert (tmp_path / "node-0.csv").is_file()  # measuring now also writes the reading
+    finally:
+        tracker.stop()
