@@ -39,6 +39,10 @@ def init_distributed() -> World:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from pretrain.core.library_internals import skip_shared_memory_comm_op
+
+    skip_shared_memory_comm_op()  # inference-only, and its JIT lock can hang every later start (see there)
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":

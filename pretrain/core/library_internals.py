@@ -7,6 +7,7 @@ functions: importing this module costs nothing (configs import it without torch)
 
 | function                     | library     | private name(s)                                              |
 |------------------------------|-------------|--------------------------------------------------------------|
+| skip_shared_memory_comm_op   | DeepSpeed   | deepspeed.comm.torch.build_shm_op                            |
 | pipeline_grid                | DeepSpeed   | PipelineModule._grid                                         |
 | local_layer_range            | DeepSpeed   | PipelineModule._local_start, _local_stop                     |
 | shutdown_loader_workers      | PyTorch     | _MultiProcessingDataLoaderIter._shutdown_workers             |
@@ -26,6 +27,20 @@ from pathlib import Path
 from typing import Any
 
 # ------------------------------------------------------------------------------------------------ DeepSpeed
+
+
+def skip_shared_memory_comm_op() -> None:
+    """Keep DeepSpeed from JIT-building and loading its shared-memory all-reduce op on CPU ranks.
+
+    DeepSpeed's torch backend loads `deepspeed_shm_comm` when the process group starts, through torch's JIT
+    extension loader, which takes a lock file in ~/.cache/torch_extensions for every load. A process killed
+    while it holds that lock (a rank killed during start-up: a preemption, a node failure) leaves the lock
+    behind, and every later DeepSpeed process on that machine, or on every machine sharing that home
+    directory, waits for it forever. The op serves only DeepSpeed's inference all-reduce (module_inject), never
+    training; skipping it also saves its compilation (about a minute) on a fresh machine."""
+    # By module name: the package attribute deepspeed.comm.torch is the torch module itself.
+    backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None
 
 
 def pipeline_grid(module: Any) -> Any:

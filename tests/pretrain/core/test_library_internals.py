@@ -108,3 +108,29 @@ def test_codecarbon_tracker_start_and_measure_now(tmp_path: Path) -> None:
         assert (tmp_path / "node-0.csv").is_file()  # measuring now also writes the reading
     finally:
         tracker.stop()
+
+
+def test_skip_shared_memory_comm_op_starts_deepspeed_without_building_or_locking(tmp_path: Path) -> None:
+    """With the op skipped, a process group starts even when a stale JIT lock (left by a killed process) sits
+    in the extensions directory, and nothing is built there; DeepSpeed's backend has no shm op."""
+    stale = tmp_path / "extensions" / "py311_cpu" / "deepspeed_shm_comm"
+    stale.mkdir(parents=True)
+    (stale / "lock").write_text("")
+    script = textwrap.dedent(
+        """
+        import deepspeed, deepspeed.comm as ds_comm
+        from pretrain.core import library_internals as internals
+        internals.skip_shared_memory_comm_op()
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        assert ds_comm.comm.cdb.shm_comm_op is None
+        print("ok")
+        """
+    )
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(__import__("common.net", fromlist=["free_port"]).free_port())
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "extensions")
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    assert sorted(p.name for p in stale.iterdir()) == ["lock"]  # nothing built, the stale lock untouched
