@@ -40,7 +40,7 @@ def skip_shared_memory_comm_op() -> None:
     training; skipping it also saves its compilation (about a minute) on a fresh machine."""
     # By module name: the package attribute deepspeed.comm.torch is the torch module itself.
     backend = importlib.import_module("deepspeed.comm.torch")
-    backend.build_shm_op = lambda: None
+    backend.build_shm_op = lambda: None  # type: ignore[attr-defined]
 
 
 def pipeline_grid(module: Any) -> Any:
