@@ -15,7 +15,8 @@ the command line, from which they compose the same run.
 
 Sweeps (`-m`) run through Hydra's basic launcher: each point is validated and started (local) or submitted
 (slurm, without waiting) in turn, so every point is one of our sbatch jobs, with its signal handling and
-self-requeue. (hydra-submitit-launcher works with our Hydra, but it runs the task function inside a job of
+self-requeue. Each point's run directory records its sweep (RUN/sweep.json: the sweep's id and the point's
+values), which groups the points in `python -m pretrain.dashboard` and in W&B. (hydra-submitit-launcher works with our Hydra, but it runs the task function inside a job of
 its own, which would put a second, different job script around the run.)
 """
 
@@ -25,9 +26,10 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
-from common.app import run_app
+from common.app import run_app, sweep_point
 from data_prep.manifest import MANIFEST_NAME, load_manifest
 from launch.config import LaunchConfig, SlurmLauncherConfig, register_configs, training_overrides, validate_launch
+from pretrain.core.run_dir import RunDir, SweepPoint
 
 
 def launch(config: LaunchConfig) -> int:
@@ -35,6 +37,10 @@ def launch(config: LaunchConfig) -> int:
     validate_launch(config, manifest)
     # The ranks get the training part of this command line, and compose the config validated above from it.
     args = training_overrides(list(HydraConfig.get().overrides.task))
+    point = sweep_point()
+    if point is not None and not config.launch.dry_run:
+        # The run remembers its sweep: the dashboard groups the points, W&B puts them in one group.
+        RunDir(config.run_dir).write_sweep(SweepPoint(**point))
     if isinstance(config.launcher, SlurmLauncherConfig):
         from launch.slurm import submit
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common.app import run_app
+from common.app import run_app, sweep_point
 from data_prep.manifest import MANIFEST_NAME, load_manifest
 from pretrain.core.config import RunConfig, register_configs, validate_run
+from pretrain.core.run_dir import RunDir, SweepPoint
 
 
 def train(config: RunConfig) -> int:
@@ -16,6 +17,9 @@ def train(config: RunConfig) -> int:
     manifest = load_manifest(config.data_dir) if (Path(config.data_dir) / MANIFEST_NAME).is_file() else None
     validate_run(config, manifest, int(os.environ.get("WORLD_SIZE", "1")))
     assert manifest is not None  # validate_run refuses a data_dir without one
+    point = sweep_point()  # `python -m pretrain -m ...`: the run remembers its sweep (python -m launch does too)
+    if point is not None and os.environ.get("RANK", "0") == "0":
+        RunDir(config.run_dir).write_sweep(SweepPoint(**point))
     # Imported here so that `--help` and config errors do not pay for importing DeepSpeed.
     from pretrain.core.distributed import init_distributed, shutdown
     from pretrain.core.trainer import Trainer

@@ -16,13 +16,17 @@ functions: importing this module costs nothing (configs import it without torch)
 | codecarbon_measure_now       | CodeCarbon  | _measure_power_and_energy, _prepare_emissions_data,          |
 |                              |             | _persist_data, _compute_emissions_delta, _experiment_name    |
 | codecarbon_countries         | CodeCarbon  | the file data/private_infra/global_energy_mix.json           |
+| wandb_records,               | W&B         | the framing of a run's `.wandb` transaction log (LevelDB's   |
+| wandb_last_history_step      |             | log format) and wandb.proto.wandb_internal_pb2.Record        |
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable
+import struct
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +112,64 @@ def codecarbon_countries() -> set[str]:
         raise RuntimeError("CodeCarbon is not installed: pip install codecarbon (or set carbon.enabled=false)")
     table = Path(next(iter(spec.submodule_search_locations))) / "data" / "private_infra" / "global_energy_mix.json"
     return set(json.loads(table.read_text(encoding="utf-8")))
+
+
+# ------------------------------------------------------------------------------------------------------- W&B
+
+_WANDB_HEADER = 7  # ":W&B", magic 0xBEE1, version
+_WANDB_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_records(path: Path, start: int = 0) -> Iterator[Any]:
+    """The records of a run's `.wandb` transaction log, as wandb's own `Record` protobufs, from the first record
+    that begins at or after byte `start` (rounded down to a block). A record cut short at the end (a run killed
+    while writing) or a corrupt chunk ends the iteration.
+
+    wandb 0.31 has no Python reader left (wandb-core writes the file); the framing is LevelDB's log format, which
+    its datastore always used: the header, then 32 KiB blocks of chunks, each with crc32, length and type (full,
+    first, middle, last); a block's tail too short for a chunk header is padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    base = max(0, start - start % _WANDB_BLOCK)  # blocks are aligned on file offsets, the header inside the first
+    with open(path, "rb") as handle:
+        if handle.read(4) != b":W&B":
+            return
+        handle.seek(base)
+        data = handle.read()
+    position = max(_WANDB_HEADER - base, 0)  # offsets into data; data[0] is file offset `base`
+    pending: bytes | None = None  # None until a record's first chunk: a tail read starts mid-record
+    while position + 7 <= len(data):
+        left_in_block = _WANDB_BLOCK - (base + position) % _WANDB_BLOCK
+        if left_in_block < 7:
+            position += left_in_block
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
+            return
+        if kind in (_FULL, _FIRST):
+            pending = chunk
+        elif pending is not None:
+            pending += chunk
+        if kind in (_FULL, _LAST) and pending is not None:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = None
+            yield record
+
+
+def wandb_last_history_step(path: Path) -> int | None:
+    """The step of the last history row in a `.wandb` file (rows only grow in one file), reading from its end
+    backwards a block at a time: a long run's file is read in kilobytes, not in full. None: no row."""
+    size = path.stat().st_size
+    start = size - size % _WANDB_BLOCK
+    while True:
+        steps = [r.history.step.num for r in wandb_records(path, start) if r.WhichOneof("record_type") == "history"]
+        if steps:
+            return max(steps)
+        if start <= 0:
+            return None
+        start -= _WANDB_BLOCK

@@ -38,7 +38,7 @@ from pretrain.core.faults import Faults
 from pretrain.core.library_internals import shutdown_loader_workers
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
-from pretrain.core.run_dir import Outcome, RunDir
+from pretrain.core.run_dir import Outcome, ProcessInfo, RunDir
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -83,6 +83,7 @@ class Trainer:
         if world.is_main:
             self.run_dir.root.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir.config_file, to_yaml(config))
+            self.run_dir.write_process(ProcessInfo.current())  # a dashboard tells a crash from a live run by it
         barrier()
         cache = self.run_dir.cache
         has_val = bool(manifest.splits.get("val") and manifest.splits["val"].samples)
