@@ -155,7 +155,7 @@ def wandb_records(path: Path, start: int = 0) -> Iterator[Any]:
         elif pending is not None:
             pending += chunk
         if kind in (_FULL, _LAST) and pending is not None:
-            record = wandb_internal_pb2.Record()
+            record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
             record.ParseFromString(pending)
             pending = None
             yield record

@@ -283,8 +283,9 @@ class RunDir:
 
     # -------------------------------------------------------------------------------------- status
     def write_status(self, outcome: Outcome, step: int, max_steps: int) -> None:
-        payload = {**asdict(outcome), "step": step, "max_steps": max_steps}
-        write_json_atomic(self.status_file, payload)
+        # The writer (the main rank) wrote process.json at start too: host and pid tie the two to one invocation.
+        payload = {**asdict(outcome), "step": step, "max_steps": max_steps, "host": socket.gethostname()}
+        write_json_atomic(self.status_file, {**payload, "pid": os.getpid()})
 
     def read_status(self) -> dict[str, Any] | None:
         """RUN/status.json as written by write_status, or None when absent or unreadable (being written)."""
