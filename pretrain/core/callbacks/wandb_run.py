@@ -11,8 +11,10 @@ orders a run's history on the server, the rows of a resumed invocation collide w
 (wandb#5865, wandb#3841). A step's training metrics and its evaluation go into one row, committed at the end of
 the step. Steps an earlier invocation logged already (one that crashed after its last checkpoint: the resumed
 run recomputes them, bit for bit) are not logged again, so `_step` only grows: the last step of each earlier
-invocation is read from the end of its `.wandb` file (online, W&B's resumed run knows it too). What a killed
-invocation had not flushed to its file is lost to W&B (wandb-core buffers it), and logged again by the resume.
+invocation is read from the end of its `.wandb` file (online, W&B's resumed run knows it too). A killed
+invocation loses what wandb-core had not yet written to its file (it buffers up to a block); the resumed
+invocation logs those rows again from metrics.jsonl (each line of which was on disk before the next step), up
+to the checkpoint it resumes from, then its own steps: the W&B history holds every logged step once.
 
 Every metric written to metrics.jsonl is logged under the same name, with `step` as every chart's x-axis and
 `tokens` declared as the other one; the resolved config is the run's config. The points of one sweep
@@ -34,6 +36,7 @@ from typing import Any
 
 from common.errors import ConfigProblems
 from pretrain.core.callbacks.base import RECORD, Callback, TrainerView, fail_soft
+from pretrain.core.callbacks.metrics_file import read_metrics
 from pretrain.core.library_internals import wandb_last_history_step
 
 MODES = ("online", "offline", "disabled")
@@ -154,6 +157,22 @@ class WandbRun(Callback):
             self._guard(self.run.log, dict(metrics), step)
             self._pending = step
 
+    def _backfill(self, trainer: TrainerView) -> None:
+        """Log the rows of metrics.jsonl that the W&B run lacks, up to the step this invocation resumes from."""
+        restored = trainer.state.step
+        rows: dict[int, dict[str, Any]] = {}
+        for entry in read_metrics(trainer.run_dir.metrics):
+            step = entry.get("step")
+            if isinstance(step, int) and self._committed < step <= restored:
+                rows.setdefault(step, {}).update({k: v for k, v in entry.items() if k not in ("kind", "time")})
+        for step, row in sorted(rows.items()):
+            assert self.run is not None
+            self.run.log(row, step=step)
+            self._pending = step
+            self._commit()
+        if rows:
+            print(f"wandb: logged steps {min(rows)}-{max(rows)} again from metrics.jsonl (lost by a crash)", flush=True)
+
     def _commit(self) -> None:
         assert self.run is not None and self._pending is not None
         self.run.log({}, step=self._pending, commit=True)
@@ -196,6 +215,7 @@ class WandbRun(Callback):
         current = Path(run.dir).parent.resolve()
         earlier = [f for f in run_folders(root / "wandb", self.run_id) if f.resolve() != current]
         self._committed = max(last_logged_step(earlier), int(run.starting_step) - 1)
+        self._backfill(trainer)
         # The config may legitimately change between invocations (world size, steps_per_run, ...).
         run.config.update({**self.run_config, "world_size": trainer.world.world_size}, allow_val_change=True)
         run.define_metric("step")
