@@ -58,8 +58,9 @@ def read_folder(path: Path) -> Folder:
                 steps.append(record.history.step.num)
             elif kind == "summary":
                 for item in record.summary.update:
-                    if item.key in SUMMARY_SHOWN:
-                        summary[item.key] = json.loads(item.value_json)
+                    key = item.key or ".".join(item.nested_key)
+                    if key in SUMMARY_SHOWN:
+                        summary[key] = json.loads(item.value_json)
     return Folder(path, min(steps, default=None), max(steps, default=None), summary)
 
 

@@ -136,3 +136,44 @@ def test_skip_shared_memory_comm_op_starts_deepspeed_without_building_or_locking
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
     assert sorted(p.name for p in stale.iterdir()) == ["lock"]  # nothing built, the stale lock untouched
+
+
+def test_wandb_records_and_the_last_history_step_of_a_transaction_log(tmp_path: Path) -> None:
+    # A real offline run, in a child process (wandb keeps global state), long enough to span several 32 KiB
+    # blocks, so that reading from the end has to find a record's start inside a block.
+    script = textwrap.dedent(
+        f"""
+        import wandb
+        run = wandb.init(mode="offline", project="pin", id="pin12345", dir={str(tmp_path)!r},
+                         settings=wandb.Settings(console="off", silent=True))
+        for step in range(1, 301):
+            run.log({{"step": step, "loss": 1.0 / step, "note": "x" * 200}}, step=step)
+        run.finish()
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    (log,) = (tmp_path / "wandb").glob("offline-run-*-pin12345/run-pin12345.wandb")
+    assert log.stat().st_size > 3 * 32768
+    records = list(internals.wandb_records(log))
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert kinds[0] == "run" or "run" in kinds[:3]
+    history = [r for r in records if r.WhichOneof("record_type") == "history"]
+    assert [r.history.step.num for r in history] == list(range(1, 301))
+    assert {item.key or ".".join(item.nested_key) for item in history[0].history.item} >= {
+        "_step",
+        "step",
+        "loss",
+        "note",
+    }
+    assert internals.wandb_last_history_step(log) == 300
+    # From any block on, the reader resynchronizes on the next record that starts there.
+    tail = [r.history.step.num for r in internals.wandb_records(log, start=32768 + 5) if r.HasField("history")]
+    assert tail == list(range(tail[0], 301)) and tail[0] > 1
+    # A file cut in the middle of a record (a killed run) reads up to its last whole record.
+    cut = tmp_path / "cut.wandb"
+    cut.write_bytes(log.read_bytes()[: log.stat().st_size // 2])
+    steps = [r.history.step.num for r in internals.wandb_records(cut) if r.HasField("history")]
+    assert steps == list(range(1, len(steps) + 1)) and 0 < len(steps) < 300
+    assert internals.wandb_last_history_step(cut) == len(steps)
