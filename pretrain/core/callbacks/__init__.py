@@ -29,7 +29,7 @@ def default_callbacks(config: RunConfig, run_dir: RunDir, flops_per_token: float
     max_steps = config.train.max_steps
     return ordered(
         [
-            Throughput(flops_per_token),
+            Throughput(flops_per_token, config.precision),
             CarbonTracker(config.carbon, max_steps),
             PeriodicEvaluation(config.eval.interval, config.eval.at_end),
             MetricsFile(run_dir.metrics),

@@ -72,3 +72,14 @@ def test_which_status_file_belongs_to_the_latest_invocation() -> None:
 
 def test_durations_read_naturally() -> None:
     assert [format_duration(s) for s in (5, 120, 7200, 3 * 86400)] == ["5 s", "2 min", "2.0 h", "3.0 days"]
+
+
+def test_mfu_peaks_are_known_for_common_gpus_only() -> None:
+    from pretrain.core.callbacks.throughput import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_flops("NVIDIA H200", "fp32") == 66.9e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert peak_flops("Tesla V100-SXM2-16GB", "bf16") is None  # no bf16 on V100: no MFU rather than a wrong one
+    assert peak_flops("Some Future GPU", "bf16") is None
