@@ -35,6 +35,7 @@ CHART_FIELDS = (
     "mfu",
     "energy_kwh",
     "emissions_kg_co2eq",
+    "projected_kg_co2eq",
     "power_w",
 )
 SKIPPED_DIRS = {"checkpoints", "wandb", "emissions", "cache", "report", "multirun", "__pycache__", "node_modules"}

@@ -91,7 +91,7 @@ def run_status(
         return RunStatus(
             "failed",
             f"process {files.process.pid} on {files.process.host} ended without writing status.json "
-            "(killed or crashed); run the same command to resume from the latest checkpoint",
+            "(killed or crashed); the same command resumes it",
         )
     threshold = max(stall_after_s, 3 * (files.typical_interval_s or 0.0))
     quiet = now - files.last_activity if files.last_activity is not None else None

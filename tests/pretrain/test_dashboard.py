@@ -154,7 +154,7 @@ def test_the_page_lists_the_runs_and_the_sweep_grouped(project: dict[str, Any]) 
     )
     assert statuses(browser) == {**RUNS, "live": "running"}
     rows = browser.evaluate("[...document.querySelectorAll('tr.run')].map(r => [r.dataset.name, r.dataset.status])")
-    assert sorted(rows) == sorted({**RUNS, "live": "running"}.items())
+    assert sorted(map(tuple, rows)) == sorted({**RUNS, "live": "running"}.items())
     group = browser.evaluate("document.querySelector('tr.group').textContent")
     assert "2 points over train.lr" in group and "best" in group, group
     assert browser.evaluate("document.querySelectorAll('tr.run.best').length") == 1
@@ -166,6 +166,8 @@ def test_the_page_lists_the_runs_and_the_sweep_grouped(project: dict[str, Any]) 
     assert point["best_val_loss"] is not None and point["loss"] is not None
     assert (by_name["preempted"]["step"], by_name["preempted"]["max_steps"]) == (2, 6)
     assert "waiting to resume" in by_name["preempted"]["status_detail"]
+    # Its footprint so far (the CSV) plus the 4 steps left at its rate: more than so far.
+    assert by_name["preempted"]["projected_kg_co2eq"] > by_name["preempted"]["kg_co2eq"] > 0
     assert summary["totals"]["runs"] == 4 and summary["totals"]["status"]["finished"] == 2
 
     # The sweep: each point knows its sweep and value; both W&B runs are in the sweep's group.
