@@ -197,6 +197,12 @@ def test_a_running_run_gains_points_without_reloading_the_page(project: dict[str
     part = update["series"].get(live["id"], {"start": known, "reset": False, "entries": []})
     assert part["start"] == known and not part["reset"] and len(part["entries"]) < known
     assert all(entry["step"] > before for entry in part["entries"])
+    # Its ETA: the steps left at the pace of this invocation, in the table too.
+    assert live["status"] == "running" and live["tokens_per_second"] > 0
+    eta = (live["max_steps"] - live["step"]) * live["seconds_per_step"]
+    assert live["eta_s"] > 0 and math.isclose(live["eta_s"], eta, rel_tol=1e-9)
+    shown = browser.evaluate("document.querySelector('tr.run[data-name=live] td:nth-child(5)').textContent")
+    assert re.fullmatch(r"\d+(\.\d)? (s|min|h|d)", shown), shown
 
 
 def test_a_run_killed_with_kill_9_shows_as_failed(project: dict[str, Any]) -> None:
@@ -221,6 +227,7 @@ def test_the_projects_co2_is_the_sum_of_every_runs_emissions_csv_rows(project: d
         _, run_kg, _ = csv_totals(project["runs"] / run["name"])
         assert math.isclose(run["kg_co2eq"], run_kg, rel_tol=1e-9), run["name"]
         assert run["nodes"][0]["invocations"] == 1
+        assert math.isclose(run["kg_co2eq_per_million_tokens"], run_kg / run["tokens"] * 1e6, rel_tol=1e-9)
     browser = project["browser"]
     browser.wait_for(f"Math.abs(dashboard.state.summary.totals.kg_co2eq - {kg}) <= {kg * 1e-9}", timeout=30)
     shown = browser.evaluate("document.querySelector('[data-total=emissions] .value').textContent")

@@ -7,9 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from common.files import write_text_atomic
+from common.files import append_line, write_text_atomic
 from pretrain.core.callbacks.metrics_file import MetricsTail, read_metrics
-from pretrain.core.run_dir import RunDir, SweepPoint, read_emissions_csv
+from pretrain.core.run_dir import Outcome, ProcessInfo, RunDir, SweepPoint, read_emissions_csv
 from pretrain.monitor.runs import Project
 
 CSV_HEADER = (
@@ -126,3 +126,40 @@ def test_the_best_point_of_a_sweep(tmp_path: Path) -> None:
     names = {r["id"]: r["name"] for r in summary["runs"]}
     assert [names[i] for i in sweep["runs"]] == ["lr0.001", "lr0.003", "lr0.01"]
     assert sweep["params"] == ["train.lr"] and names[sweep["best"]] == "lr0.003" and sweep["best_by"] == "val_loss"
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file and folder under root: (inode, size, modification time in ns)."""
+    out = {}
+    for path in [root, *root.rglob("*")]:
+        stat = path.stat()
+        out[str(path.relative_to(root))] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+def test_reading_changes_nothing_and_holds_nothing_open(tmp_path: Path) -> None:
+    """What keeps the dashboard from ever blocking or slowing a run: it writes, renames and locks nothing, and
+    holds no file open between refreshes, while the run appends and replaces its files as it trains."""
+    import psutil
+
+    run = RunDir(tmp_path / "sweep" / "lr0.1")
+    run.root.mkdir(parents=True)
+    run.config_file.write_text("train:\n  max_steps: 10\n")
+    run.write_process(ProcessInfo.current())
+    run.write_sweep(SweepPoint("sweep-a", str(tmp_path), 0, {"train.lr": "0.1"}))
+    run.metrics.write_text(line(step=1, tokens=64, loss=7.0))
+    run.emissions.mkdir()
+    run.emissions_csv(0).write_text(f"{CSV_HEADER}\n{csv_row('a', 1e-3, 2e-3)}\n")
+    project = Project(tmp_path, stall_after_s=60)
+    for step in range(2, 6):
+        before = tree(tmp_path)
+        project.refresh(force=True)
+        project.summary()
+        project.series({})
+        assert tree(tmp_path) == before, step
+        assert not [f.path for f in psutil.Process().open_files() if f.path.startswith(str(tmp_path))]
+        append_line(run.metrics, json.dumps({"kind": "train", "time": 1.0, "step": step, "tokens": 64 * step}))
+    run.write_status(Outcome("finished"), 5, 10)
+    project.refresh(force=True)
+    (summary,) = project.summary()["runs"]
+    assert (summary["status"], summary["step"], summary["sweep"]["params"]) == ("finished", 5, {"train.lr": "0.1"})
