@@ -163,3 +163,27 @@ def test_reading_changes_nothing_and_holds_nothing_open(tmp_path: Path) -> None:
     project.refresh(force=True)
     (summary,) = project.summary()["runs"]
     assert (summary["status"], summary["step"], summary["sweep"]["params"]) == ("finished", 5, {"train.lr": "0.1"})
+
+
+def test_a_resume_that_rewrites_the_metrics_file_resets_what_the_summary_kept(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config_file.write_text("train:\n  max_steps: 10\n")
+
+    def evaluation(step: int, val_loss: float) -> str:
+        return json.dumps({"kind": "eval", "step": step, "val_loss": val_loss}) + "\n"
+
+    run.metrics.write_text("".join(line(step=s, loss=7.0 - s) for s in (1, 2)) + evaluation(2, 6.0))
+    project = Project(tmp_path, stall_after_s=3600)
+    project.refresh(force=True)
+    with open(run.metrics, "a") as handle:
+        handle.write("".join(line(step=s, loss=7.0 - s) for s in (3, 4)) + evaluation(4, 5.0))
+    project.refresh(force=True)
+    (summary,) = project.summary()["runs"]
+    assert (summary["step"], summary["loss"], summary["val_loss"], summary["best_val_loss"]) == (4, 3.0, 5.0, 5.0)
+    # Killed after step 4, resumed from step 2's checkpoint: the trainer drops the entries past step 2.
+    write_text_atomic(run.metrics, "".join(line(step=s, loss=7.0 - s) for s in (1, 2)) + evaluation(2, 6.0))
+    project.refresh(force=True)
+    (summary,) = project.summary()["runs"]
+    assert (summary["step"], summary["loss"], summary["val_loss"], summary["best_val_loss"]) == (2, 5.0, 6.0, 6.0)
+    assert project.series({summary["id"]: (0, 5)})[summary["id"]]["reset"]
