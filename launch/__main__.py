@@ -16,8 +16,9 @@ the command line, from which they compose the same run.
 Sweeps (`-m`) run through Hydra's basic launcher: each point is validated and started (local) or submitted
 (slurm, without waiting) in turn, so every point is one of our sbatch jobs, with its signal handling and
 self-requeue. Each point's run directory records its sweep (RUN/sweep.json: the sweep's id and the point's
-values), which groups the points in `python -m pretrain.dashboard` and in W&B. (hydra-submitit-launcher works with our Hydra, but it runs the task function inside a job of
-its own, which would put a second, different job script around the run.)
+values), which groups the points in `python -m pretrain.dashboard` and in W&B. (hydra-submitit-launcher works
+with our Hydra, but it runs the task function inside a job of its own, which would put a second, different
+job script around the run.)
 """
 
 from __future__ import annotations
