@@ -9,7 +9,6 @@ documents are numbered in reading order: a text file is one document, a non-blan
 
 from __future__ import annotations
 
-import functools
 import glob
 import gzip
 import io
@@ -229,8 +228,7 @@ def _jsonl_lines(
             if not skipped.endswith(b"\n"):
                 return
             pending, position = b"", segment.start - 1 + len(skipped)
-        for chunk in iter(functools.partial(handle.read, 1 << 20), b""):
-            pending += chunk
+        while True:
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 if segment.end is not None and position >= segment.end:
@@ -238,6 +236,10 @@ def _jsonl_lines(
                 position += len(line) + 1
                 if line.strip():
                     yield KIND_JSONL, line, codec
+            chunk = handle.read(1 << 20)
+            if not chunk:
+                break
+            pending += chunk
         if pending.strip() and (segment.end is None or position < segment.end):
             yield KIND_JSONL, pending, codec
 
