@@ -25,6 +25,7 @@ from common.errors import UserError
 from common.files import write_json_atomic
 from data_prep.config import PrepConfig
 from data_prep.documents import SPLIT_NAMES
+from data_prep.faults import Faults
 from data_prep.manifest import ShardInfo
 from data_prep.packing import Packer, PackerState, Position, ShardWriter, token_dtype
 from data_prep.pool import WorkerPool
@@ -105,10 +106,12 @@ def encode_slice(
     dtype = token_dtype(tokenizer.vocab_size)
     per_shard = max(1, int(config.shard_size_mb * 1e6) // sample_bytes(config.seq_len, dtype.itemsize))
     latest: dict[str, Any] = {name: None for name in SPLIT_NAMES}
+    faults = Faults.from_env()
 
     def checkpoint(name: str, state: PackerState) -> None:
         latest[name] = asdict(state)
         write_json_atomic(work.checkpoint(number), latest)
+        faults.after_checkpoint(number, sum(len(s["shards"]) for s in latest.values() if s is not None))
 
     writers, packers = [], []
     for split, name in enumerate(SPLIT_NAMES):
