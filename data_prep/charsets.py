@@ -8,11 +8,13 @@
 3. mostly valid UTF-8 (more valid multi-byte characters than invalid sequences): a damaged UTF-8 file, decoded
    as UTF-8 with each invalid sequence replaced by U+FFFD and counted;
 4. otherwise a legacy encoding, detected by charset-normalizer (maintained, pure Python, and what `requests`
-   uses). A mostly-English book with a handful of accented letters is ambiguous between the Western code pages:
-   charset-normalizer then ties cp1250 with cp1252 and picks cp1250, which turns "Brunetière" into
-   "Brunetiče". Among the candidates it finds equally plausible, cp1252 (the superset of latin-1 that web
-   browsers use for "latin-1") is preferred; a clearly Central European, Cyrillic or Greek text still gets its
-   own code page, because there cp1252 is not among the plausible ones.
+   uses). A mostly-English book with a handful of accented letters gives it little evidence: it then ties
+   cp1250 with cp1252 and picks cp1250, which turns "Brunetière" into "Brunetiče" (two books of the demo
+   corpus), or even prefers Shift-JIS for a German line in English prose. Among the candidates about as
+   plausible as its best, cp1252 (the superset of latin-1 that web browsers use for "latin-1") is therefore
+   preferred; a Central European, Cyrillic, Greek, Chinese, Japanese or Korean text still gets its own
+   encoding, since there cp1252 is not among them (tests/data_prep/test_encodings.py). Evidence can be too
+   thin to decide (one Russian or Turkish line in an English file): `input_encoding=` then says it.
 
 A file decoded in a legacy encoding never contains U+FFFD; undecodable sequences (only possible in UTF-8/16/32)
 are replaced and counted. `input_encoding=<codec>` forces one Python codec for every file (a BOM of that codec
@@ -37,8 +39,9 @@ _BOMS = (
 )
 # The code page preferred among candidates charset-normalizer finds equally plausible (see the module doc).
 PREFERRED_LEGACY = "cp1252"
-# How close a candidate must come to charset-normalizer's best to count as equally plausible.
-_CHAOS_SLACK, _COHERENCE_SLACK = 0.01, 0.05
+# How close cp1252 must come to charset-normalizer's best to be preferred: its "chaos" (mess) within this much
+# of the least, its language coherence within this much of the most among those.
+_CHAOS_SLACK, _COHERENCE_SLACK = 0.1, 0.05
 # Bytes of a large file that detection looks at (charset-normalizer samples within them).
 DETECTION_BYTES = 4 << 20
 
@@ -109,12 +112,9 @@ def _legacy(sample: bytes) -> str | None:
     best = matches.best()
     if best is None:
         return None
-    plausible = [
-        match
-        for match in matches
-        if match.chaos <= best.chaos + _CHAOS_SLACK and match.coherence >= best.coherence - _COHERENCE_SLACK
-    ]
-    if any(PREFERRED_LEGACY in match.could_be_from_charset for match in plausible):
+    plausible = [match for match in matches if match.chaos <= best.chaos + _CHAOS_SLACK]
+    coherent = max(match.coherence for match in plausible) - _COHERENCE_SLACK
+    if any(PREFERRED_LEGACY in m.could_be_from_charset and m.coherence >= coherent for m in plausible):
         return PREFERRED_LEGACY
     return canonical(best.encoding)
 

@@ -77,6 +77,16 @@ CASES = {
         lambda s: [f"input=[{s.books[0]}]", "seq_len=-1", "val_fraction=2", "tokenizer.model_type=wordpiece"],
         ("seq_len=-1", "val_fraction=2.0", "tokenizer.model_type='wordpiece'"),
     ),
+    "an input_encoding that is no codec": Case(
+        lambda s: [f"input=[{s.books[0]}]", "input_encoding=klingon"], ("input_encoding='klingon'", "codec")
+    ),
+    "no tasks, no slices": Case(
+        lambda s: [f"input=[{s.books[0]}]", "tasks=0", "slice_mb=0"], ("tasks=0", "slice_mb=0")
+    ),
+    "a Slurm time limit that is no time": Case(
+        lambda s: [f"input=[{s.books[0]}]", "launcher=slurm", "launcher.time=1h", "launcher.partition=two words"],
+        ("launcher.time='1h'", "launcher.partition='two words'"),
+    ),
     "output_dir under a regular file": Case(
         lambda s: [f"input=[{s.books[0]}]", f"output_dir={s.write('a-file', b'x') / 'out'}"],
         ("output_dir=", "a-file", "not writable"),
