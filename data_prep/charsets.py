@@ -122,7 +122,7 @@ def _legacy(sample: bytes) -> str | None:
 @dataclass(frozen=True)
 class Decoded:
     text: str
-    codec: str  # canonical name of the encoding used
+    codec: str  # the codec decoded with ("utf-8-sig" for UTF-8 with a BOM); reported_name() names its encoding
     replaced: int  # undecodable sequences replaced by U+FFFD
 
 
@@ -130,7 +130,7 @@ def decode_file(data: bytes, input_encoding: str = AUTO) -> Decoded:
     """A whole file's text: in its detected encoding (or `input_encoding`), without its byte-order mark."""
     codec = detect(data) if input_encoding == AUTO else _with_bom(data, input_encoding)
     text, replaced = decode_counting(data, codec)
-    return Decoded(text.removeprefix("\ufeff"), _reported(codec), replaced)
+    return Decoded(text.removeprefix("\ufeff"), codec, replaced)
 
 
 def _with_bom(data: bytes, forced: str) -> str:

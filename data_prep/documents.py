@@ -54,14 +54,16 @@ class CleanStats:
 def extract_text(
     kind: str, raw: bytes, codec: str | None, text_field: str, stats: CleanStats, input_encoding: str = AUTO
 ) -> tuple[str | None, str | None]:
-    """The document's text (None when the record is unusable), decoded and counted into `stats`, and the
-    encoding detected for it: a text file's own; None for a JSONL line, decoded with its file's `codec`."""
+    """The document's text (None when the record is unusable), decoded and counted into `stats`, and the codec
+    detected for it when `codec` is None (a text file decoded for the first time; the scan records it, so the
+    encoding pass decodes with it directly)."""
     detected = None
     if codec is None:
         decoded = decode_file(raw, input_encoding)
         text, replaced, detected = decoded.text, decoded.replaced, decoded.codec
     else:
         text, replaced = decode_counting(raw, codec)
+        text = text.removeprefix("\ufeff")  # what decode_file drops (a BOM decoded by a codec that keeps it)
     stats.undecodable_replaced += replaced
     if kind != KIND_JSONL:
         return text, detected

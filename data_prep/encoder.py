@@ -133,7 +133,7 @@ class SentencePieceEncoder:
         # One call for all chunks: the batch API, on this process's one thread (the workers are the parallelism).
         if self._arrays:
             encoded = self.processor.encode(pieces, num_threads=1, return_type="numpy")
-            return np.concatenate(encoded).astype(np.uint32) if encoded else np.zeros(0, np.uint32)
+            return np.concatenate(encoded, dtype=np.uint32, casting="unsafe")
         ids = array.array("i")
         for piece in self.processor.encode(pieces, num_threads=1):
             ids.extend(piece)

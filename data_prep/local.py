@@ -4,9 +4,11 @@ task runs, each writing its log to the work directory; the plan and the merge ru
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 from common.app import EXIT_USER_ERROR
 from common.errors import UserError
@@ -19,25 +21,45 @@ from data_prep.workdir import RunSpec, WorkDir, task_slices
 
 
 def run_local(work: WorkDir, spec: RunSpec, config: PrepConfig) -> int:
-    started = time.perf_counter()
     tasks = effective_tasks(config, spec)
     workers = config.num_workers or max(1, available_cpus() // tasks)
     everything = range(len(spec.slices))
+    stages = _Stopwatch()
     if tasks == 1:
         with WorkerPool(workers, worker_settings(config)) as pool:
-            scan_stage(work, spec, config, everything, pool, log=False)
-            run_plan(work, spec, config, threads=workers)
-            encode_seconds = encode_stage(work, spec, config, everything, pool, log=False)
+            with stages("scan"):
+                scan_stage(work, spec, config, everything, pool, log=False)
+            with stages("plan"):
+                run_plan(work, spec, config, threads=workers)
+            with stages("encode"):
+                encode_stage(work, spec, config, everything, pool, log=False)
     else:
         print(f"{tasks} tasks of {workers} workers each on this machine; their logs: {work.root / 'logs'}", flush=True)
-        _run_processes(work, spec, "scan", tasks, workers)
-        run_plan(work, spec, config, threads=tasks * workers)
-        began = time.perf_counter()
-        _run_processes(work, spec, "encode", tasks, workers)
-        encode_seconds = time.perf_counter() - began
-    manifest = run_merge(work, spec, config)
-    print_summary(work.out, manifest, time.perf_counter() - started, encode_seconds)
+        with stages("scan"):
+            _run_processes(work, spec, "scan", tasks, workers)
+        with stages("plan"):
+            run_plan(work, spec, config, threads=tasks * workers)
+        with stages("encode"):
+            _run_processes(work, spec, "encode", tasks, workers)
+    with stages("merge"):
+        manifest = run_merge(work, spec, config)
+    print_summary(work.out, manifest, stages.seconds)
     return 0
+
+
+class _Stopwatch:
+    """Seconds per stage, for the summary."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = time.perf_counter() - started
 
 
 def effective_tasks(config: PrepConfig, spec: RunSpec) -> int:

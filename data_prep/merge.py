@@ -117,19 +117,19 @@ def _check_output(work: WorkDir, config: PrepConfig, splits: dict[str, SplitInfo
         raise UserError(problem)
 
 
-def print_summary(out: Path, manifest: Manifest, seconds: float, encode_seconds: float | None) -> None:
+def print_summary(out: Path, manifest: Manifest, stages: dict[str, float]) -> None:
+    """The run's result; `stages`: seconds per stage this process saw (a Slurm merge job: only its own)."""
     cleaning = manifest.cleaning
+    encode = stages.get("encode")
     lines = [
         f"prepared {out}: {manifest.documents} documents, {manifest.tokens:,} tokens, "
         + ", ".join(
             f"{name} {info.samples} samples in {len(info.shards)} shards" for name, info in manifest.splits.items()
         ),
-        f"  {seconds:.1f} s in all"
-        + (
-            f", encoding {encode_seconds:.1f} s at {manifest.tokens / max(encode_seconds, 1e-9):,.0f} tokens/s"
-            if encode_seconds
-            else ""
-        ),
+        f"  {sum(stages.values()):.1f} s in all ("
+        + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in stages.items())
+        + ")"
+        + (f"; encoding at {manifest.tokens / max(encode, 1e-9):,.0f} tokens/s" if encode else ""),
         f"  cleaning: {cleaning['duplicates_removed']} duplicates removed, {cleaning['empty_documents']} empty "
         f"dropped, {cleaning['undecodable_replaced']} undecodable sequences replaced, "
         f"{cleaning['invalid_json_lines']} unusable JSON lines",

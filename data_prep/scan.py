@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from common.files import write_json_atomic
+from data_prep.charsets import reported_name
 from data_prep.config import PrepConfig
 from data_prep.documents import CleanStats
 from data_prep.pool import WorkerPool
@@ -40,6 +41,7 @@ def scan_slice(
     hashes_path, present_path = work.scan_hashes(number), work.scan_present(number)
     hashes_path.parent.mkdir(parents=True, exist_ok=True)
     report, stats, encodings = ReadReport(), CleanStats(), Counter[str]()
+    text_codecs: dict[int, str] = {}  # documents decoded with another codec than UTF-8 (the default)
     sampler = BottomK(sample_lines) if sample_lines else None
     documents = with_text = 0
     temp_hashes, temp_present = hashes_path.with_suffix(".hashes.tmp"), present_path.with_suffix(".present.tmp")
@@ -51,7 +53,11 @@ def scan_slice(
             documents += len(result.hashes)
             with_text += sum(h is not None for h in result.hashes)
             stats.add(result.stats)
-            encodings.update(result.encodings)
+            for offset, codec in enumerate(result.codecs):
+                if codec is not None:
+                    encodings[reported_name(codec)] += 1
+                    if codec != "utf-8":
+                        text_codecs[batch.first + offset] = codec
             if sampler is not None:
                 sampler.add(result.keys, result.lines)
             progress(batch.nbytes)
@@ -72,6 +78,8 @@ def scan_slice(
             "bytes": sum(segment_bytes(s, spec.files) for s in spec.slices[number]),
             "stats": asdict(stats),
             "encodings": dict(sorted(encodings.items())),
+            # Each text file's codec, so that encoding decodes it without detecting again (UTF-8 if absent).
+            "codecs": {str(number): codec for number, codec in text_codecs.items()},
             "binary_files": report.binary_files,
             "unreadable_files": report.unreadable_files,
             "sample_lines": len(sampler.lines) if sampler is not None else None,

@@ -131,7 +131,8 @@ def encode_slice(
     documents = 0
     try:
         raw = iter_documents(spec.slices[number], spec.files, report, config.input_encoding)
-        jobs = _jobs(raw, keep, first_needed, config, str(work.tokenizer), dtype.name, resume_from)
+        codecs = {int(number): codec for number, codec in scan["codecs"].items()}
+        jobs = _jobs(raw, keep, codecs, first_needed, config, str(work.tokenizer), dtype.name, resume_from)
         for job, encoded in pool.map_ordered(encode_batch, jobs):
             documents = job.batch.first + len(job.batch.docs)
             tokens = 0
@@ -182,6 +183,7 @@ def encode_slice(
 def _jobs(
     raw: Iterator[tuple[str, bytes, str | None]],
     keep: np.ndarray,
+    codecs: dict[int, str],
     first_needed: int,
     config: PrepConfig,
     tokenizer: str,
@@ -194,4 +196,6 @@ def _jobs(
         if not any(flags):
             # Nothing to encode (before a resume point, or only duplicates): counted, not sent.
             batch.docs = [b""] * len(batch.docs)
+        # A text file is decoded with the codec the scan detected for it.
+        batch.codecs = [codecs.get(n, "utf-8") if c is None else c for n, c in zip(numbers, batch.codecs, strict=True)]
         yield EncodeJob(batch, flags, tokenizer, dtype, resume_from)

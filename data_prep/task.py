@@ -104,7 +104,7 @@ def run_task(work: WorkDir, stage: str, task: int, tasks: int, workers: int) -> 
         run_plan(work, spec, config, threads=workers)
     elif stage == "merge":
         manifest = run_merge(work, spec, config)
-        print_summary(work.out, manifest, time.perf_counter() - started, None)
+        print_summary(work.out, manifest, {"merge": time.perf_counter() - started})
     else:
         with WorkerPool(workers, worker_settings(config)) as pool:
             if stage == "scan":

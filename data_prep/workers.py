@@ -13,7 +13,7 @@ import numpy as np
 from data_prep.documents import SPLIT_TRAIN, CleanStats, clean_text, document_hash, extract_text, split_runs
 from data_prep.encoder import TokenEncoder, load_encoder
 from data_prep.sample import sampling_key, training_lines
-from data_prep.sources import KIND_TEXT, Batch
+from data_prep.sources import Batch
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def _documents(
             continue
         text, detected = extract_text(kind, raw, codec, settings.text_field, stats, settings.input_encoding)
         cleaned = clean_text(text, stats) if text is not None else None
-        yield batch.first + offset, cleaned, detected if kind == KIND_TEXT else None
+        yield batch.first + offset, cleaned, detected
 
 
 # ---- scan -------------------------------------------------------------------------------------------------
@@ -64,8 +64,9 @@ def _documents(
 class ScanResult:
     # Per document of the batch: its content hash (None: nothing left after cleaning, or unusable).
     hashes: list[bytes | None] = field(default_factory=list)
-    # The encodings detected for the batch's text files (JSONL files' are decided by the main process).
-    encodings: list[str] = field(default_factory=list)
+    # Per document: the codec a text file was decoded with (None for a JSONL line: its file's codec is the
+    # main process's decision).
+    codecs: list[str | None] = field(default_factory=list)
     stats: CleanStats = field(default_factory=CleanStats)
     # Tokenizer sample candidates: distinct training lines with their sampling keys, at most sample_lines.
     keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
@@ -83,8 +84,7 @@ def scan_batch(job: tuple[Batch, bool]) -> ScanResult:
     result = ScanResult()
     candidates: dict[int, str] = {}
     for _, text, detected in _documents(batch, result.stats):
-        if detected is not None:
-            result.encodings.append(detected)
+        result.codecs.append(detected)
         result.hashes.append(document_hash(text) if text is not None else None)
         if not sample or text is None:
             continue
