@@ -120,6 +120,40 @@ def test_files_in_every_encoding_round_trip_through_the_shards(tmp_path: Path, s
     assert_round_trip(out, source_documents(sorted(inputs.iterdir())))
 
 
+TURKISH = "Pijamal\u0131 hasta ya\u011f\u0131z \u015fof\u00f6re \u00e7abucak g\u00fcvendi. \u0130stanbul."
+
+
+def test_input_encoding_decodes_every_file_in_the_given_codec(tmp_path: Path, small_corpus: Path) -> None:
+    """One Turkish line in English prose is too little evidence for detection (it reads cp1252: "Pijamal\u00fd"):
+    `input_encoding=cp1254` gives the letters back, for .txt and .jsonl alike, and the manifest counts it."""
+    book = sorted(small_corpus.glob("*.txt"))[0]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    text = TURKISH + "\n\n" + "\n\n".join(_paragraphs(book, 0, 60)) + "\n"
+    (inputs / "a.txt").write_bytes(text.encode("cp1254"))
+    records = [TURKISH + " (JSONL)", *_paragraphs(book, 60, 60)]
+    (inputs / "b.jsonl").write_bytes(
+        "\n".join(json.dumps({"text": r}, ensure_ascii=False) for r in records).encode("cp1254")
+    )
+    out = tmp_path / "out"
+    run_module(
+        "data_prep",
+        f"input=[{inputs}]",
+        f"output_dir={out}",
+        "input_encoding=cp1254",
+        "seq_len=32",
+        "tokenizer.vocab_size=600",
+        "val_fraction=0.1",
+        "split_passage_chars=512",
+        "num_workers=1",
+        check=True,
+    )
+    assert load_manifest_json(out)["cleaning"]["encodings"] == {"cp1254": 2}
+    decoded = decode_dataset(out)
+    text = "".join(run for split in decoded.values() for run in [*split.runs, split.tail])
+    assert TURKISH in text and TURKISH + " (JSONL)" in text
+
+
 ASIAN = {
     "shift_jis": "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。何でも薄暗いじめじめした所で泣いていた。",
     "gbk": "中华人民共和国是工人阶级领导的、以工农联盟为基础的人民民主专政的社会主义国家。",
