@@ -369,9 +369,10 @@ def scale(
     tokens_per_tb = tokens / size * 1e12
     print(f"  1 TB of such text: about {tokens_per_tb / 1e9:,.0f} G tokens and {cpu_per_tb / 3600:,.0f} CPU hours:")
     for tasks, cpus in ((64, 16), (256, 16), (512, 32)):
-        hours = cpu_per_tb / (tasks * cpus) / 3600
+        minutes = cpu_per_tb / (tasks * cpus) / 60
         print(
-            f"    {tasks} array tasks of {cpus} CPUs: {hours:,.1f} h (slice_mb 1024: {1e12 / 1.024e9 / tasks:,.0f} slices per task)"
+            f"    {tasks} array tasks of {cpus} CPUs: {minutes:,.0f} min of encoding at this machine's rate per CPU "
+            f"(slice_mb 1024: {1e12 / 1.024e9 / tasks:,.0f} slices per task)"
         )
 
 
