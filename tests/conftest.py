@@ -1,4 +1,5 @@
-"""Fixtures shared across the test packages: the real demo corpus and small datasets prepared from it."""
+"""Fixtures shared across the test packages: the real demo corpus, small datasets prepared from it, and a real
+Slurm cluster."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from omegaconf import OmegaConf
 
 from data_prep.config import CorpusConfig
 from data_prep.corpus import fetch_corpus
+from tests.slurm_cluster import slurm_cluster
 from tests.support import REPO, TINY_PREP, run_module
+
+__all__ = ["slurm_cluster"]  # a session fixture for every test package (one cluster, started when first needed)
 
 # A few books of the demo corpus: real text, small enough for fast tests.
 SMALL_BOOKS = ("austen-persuasion.txt", "carroll-alice.txt", "chesterton-ball.txt", "shakespeare-hamlet.txt")
