@@ -80,7 +80,11 @@ class GuardedAdamW(torch.optim.AdamW):
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (linear and embedding weights) only, never on biases or LayerNorm."""
+    """Weight decay on matrices (linear and embedding weights) only, never on biases or LayerNorm.
+
+    A group left empty is dropped here: a pipeline stage may hold only matrices (a stage of just the tied
+    embedding or head). DeepSpeed drops empty groups itself, but only after the LR scheduler was built with one
+    lambda per group, which then fails at the first step (`zip() argument 2 is longer than argument 1`)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
@@ -89,10 +93,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
             continue
         seen.add(id(parameter))
         (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [group for group in groups if group["params"]]
 
 
 def lr_multiplier(step: int, warmup: int, decay: int, min_ratio: float) -> float:
