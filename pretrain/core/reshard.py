@@ -59,7 +59,9 @@ def restore(
         print(
             f"checkpoint {checkpoint.tag}: written with {saved.describe()}; this run: {current.describe()}", flush=True
         )
-    if not portable.is_file():
+    # Rank 0 decides for all: on a shared file system another process (convert_checkpoint) may finish the file
+    # while the ranks look, and they must all take the same (collective) path.
+    if all_reduce_max(1.0 if world.is_main and not portable.is_file() else 0.0):
         _convert_on_main(checkpoint, world, kill_after_tensors)
     elif world.is_main:
         print(f"loading {portable.name} (converted earlier)", flush=True)
