@@ -196,10 +196,19 @@ def test_kill_9_during_a_conversion_leaves_the_original_and_the_rerun_converts(
     assert losses(run)[6] == pytest.approx(losses(reference)[6], rel=1e-4)
 
 
-def test_another_model_is_refused_at_start_up_before_any_conversion(first_steps, tiny_dataset: Path, tmp_path: Path):
+def test_what_cannot_continue_is_refused_at_start_up_before_any_conversion(
+    first_steps, tiny_dataset: Path, tmp_path: Path
+) -> None:
     run = first_steps(1, tmp_path / "run")
     done = run_module("pretrain", *args(tiny_dataset, run, "model.n_layer=3", "zero_stage=3"))
     assert done.returncode == 2
     assert "error: invalid config: model.n_layer=3: the run's latest checkpoint" in done.stderr
     assert "resume with model.n_layer=2, or start a new run_dir" in done.stderr
+    # Back on 3 ranks: the global batch of 8 does not divide by micro batch 2 x 3 data-parallel ranks.
+    done = run_distributed(3, "pretrain", *args(tiny_dataset, run, "zero_stage=3"), check=False)
+    assert done.returncode != 0
+    assert "error: invalid config: train.global_batch_size=8: must be a multiple of" in done.stderr
+    assert "(3 = world size 3 / pipeline stages 1) = 6" in done.stderr
+    assert "written with" not in done.stdout and "converting" not in done.stdout
     assert not list((run / "checkpoints").glob("*.portable.safetensors"))
+    assert not list((run / "checkpoints").glob(".*.tmp-*"))
