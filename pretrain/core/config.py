@@ -2,8 +2,8 @@
 
 `conf/train.yaml` composes it: `model=<preset>` picks conf/model/<preset>.yaml, `experiment=<name>` applies
 conf/experiment/<name>.yaml. Each dataclass checks its own fields in `problems()`; `run_problems` adds the checks
-that span fields, need the dataset's manifest or the world size. `validate_run` raises all of them in one
-message, at start-up, before any process group or engine exists.
+that span fields, need the dataset's manifest, the world size or the checkpoint the run resumes from.
+`validate_run` raises all of them in one message, at start-up, before any process group or engine exists.
 
 This module imports no torch, no W&B and no CodeCarbon: `python -m launch` loads and validates it on a login node.
 """
@@ -19,6 +19,7 @@ from common.errors import ConfigProblems
 from data_prep.manifest import Manifest
 from pretrain.core.callbacks.carbon import CarbonConfig
 from pretrain.core.callbacks.wandb_run import WandbConfig
+from pretrain.core.layout import resume_problems
 from pretrain.core.model_config import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -244,6 +245,8 @@ def run_problems(config: RunConfig, manifest: Manifest | None, world_size: int) 
             )
         if not manifest.splits.get("train") or manifest.splits["train"].samples == 0:
             problems.add("data_dir", config.data_dir, "has no training samples")
+    # The checkpoint the run resumes from: any layout converts, another model or tokenizer cannot continue.
+    problems.extend(resume_problems(config, manifest, world_size))
     return problems
 
 

@@ -10,8 +10,17 @@ functions: importing this module costs nothing (configs import it without torch)
 | skip_shared_memory_comm_op   | DeepSpeed   | deepspeed.comm.torch.build_shm_op                            |
 | pipeline_grid                | DeepSpeed   | PipelineModule._grid                                         |
 | local_layer_range            | DeepSpeed   | PipelineModule._local_start, _local_stop                     |
+| optimizer_kind               | DeepSpeed   | the class names of its optimizer wrappers                    |
+| master_partitions            | DeepSpeed   | single_partition_of_fp32_groups (ZeRO-1/2),                  |
+|                              |             | fp32_groups_flat_partition (BF16_Optimizer),                 |
+|                              |             | fp32_partitioned_groups_flat, sub_group_to_group_id (ZeRO-3) |
+| link_fragment_state          | DeepSpeed   | _hp_optimizer_states_linked,                                 |
+|                              |             | _lazy_init_hp_params_optimizer_state                         |
+| unfused_masters              | DeepSpeed   | FP16_UnfusedOptimizer.fp16_groups, fp32_groups               |
+| zero3_partition              | DeepSpeed   | ZeRO-3 parameters' ds_tensor, ds_process_group               |
 | shutdown_loader_workers      | PyTorch     | _MultiProcessingDataLoaderIter._shutdown_workers             |
 | checkpoint_wrapper_tools     | PyTorch     | torch.distributed.algorithms._checkpoint.checkpoint_wrapper  |
+| wrapper_name_parts           | PyTorch     | OptimizedModule._orig_mod, CheckpointWrapper's module name   |
 | codecarbon_has_started       | CodeCarbon  | BaseEmissionsTracker._start_time                             |
 | codecarbon_measure_now       | CodeCarbon  | _measure_power_and_energy, _prepare_emissions_data,          |
 |                              |             | _persist_data, _compute_emissions_delta, _experiment_name    |
@@ -58,6 +67,64 @@ def local_layer_range(module: Any) -> range:
     return range(module._local_start, module._local_stop)
 
 
+def optimizer_kind(optimizer: Any) -> str:
+    """Which optimizer DeepSpeed wrapped ours in, by what it means for the master weights and AdamW's state:
+    "torch" (ZeRO-0 fp32: our AdamW itself, the module's weights are the masters), "unfused" (ZeRO-0 bf16/fp16:
+    FP16_UnfusedOptimizer, one fp32 copy per parameter), "fragments" (ZeRO-1/2, and BF16_Optimizer for bf16
+    pipelines: flat fp32 partitions that parameters map fragments of) or "zero3"."""
+    import torch
+
+    name = type(optimizer).__name__
+    kinds = {
+        "DeepSpeedZeroOptimizer_Stage3": "zero3",
+        "DeepSpeedZeroOptimizer": "fragments",
+        "BF16_Optimizer": "fragments",
+        "FP16_UnfusedOptimizer": "unfused",
+    }
+    if name in kinds:
+        return kinds[name]
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return "torch"
+    raise NotImplementedError(f"DeepSpeed optimizer {name} is not supported for resuming on another layout")
+
+
+def master_partitions(optimizer: Any) -> list[tuple[Any, int]]:
+    """(flat fp32 tensor, index of its parameter group) for each flat buffer this rank's base AdamW steps."""
+    kind, name = optimizer_kind(optimizer), type(optimizer).__name__
+    if kind == "zero3":
+        flats = optimizer.fp32_partitioned_groups_flat
+        return [(flat, optimizer.sub_group_to_group_id[i]) for i, flat in enumerate(flats)]
+    if name == "BF16_Optimizer":
+        return [(flat, i) for i, flat in enumerate(optimizer.fp32_groups_flat_partition)]
+    return [(flat, i) for i, flat in enumerate(optimizer.single_partition_of_fp32_groups)]
+
+
+def link_fragment_state(optimizer: Any) -> None:
+    """Point every parameter's fragment mapping at AdamW's (new) state tensors, so that
+    deepspeed.utils.safe_{get,set}_full_optimizer_state reach them. DeepSpeed links them once, after the first
+    step of the first parameter group only: parameters of later groups would otherwise stay unlinked."""
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def unfused_masters(optimizer: Any) -> list[tuple[Any, Any]]:
+    """(low-precision parameter, its fp32 master copy) for every parameter of an FP16_UnfusedOptimizer."""
+    return [
+        (low, master)
+        for low_group, master_group in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
+        for low, master in zip(low_group, master_group, strict=True)
+    ]
+
+
+def zero3_partition(parameter: Any) -> tuple[Any, int, int]:
+    """(this rank's partition of a ZeRO-3 parameter, this rank's index, the number of partitions): every rank
+    holds ceil(numel / partitions) elements, the last one padded."""
+    import torch.distributed as dist
+
+    group = parameter.ds_process_group
+    return parameter.ds_tensor, dist.get_rank(group=group), dist.get_world_size(group=group)
+
+
 # -------------------------------------------------------------------------------------------------- PyTorch
 
 
@@ -81,6 +148,13 @@ def checkpoint_wrapper_tools() -> tuple[Callable[..., Any], Callable[..., Any], 
     )
 
     return apply_activation_checkpointing, checkpoint_wrapper, CheckpointImpl
+
+
+def wrapper_name_parts() -> tuple[str, ...]:
+    """What torch's module wrappers insert into parameter names (and so into DeepSpeed's checkpoint files):
+    torch.compile's OptimizedModule holds the model as `_orig_mod`, activation checkpointing's CheckpointWrapper
+    holds each block as `_checkpoint_wrapped_module`. (Their state_dict() hides the latter, not the former.)"""
+    return ("_orig_mod.", "_checkpoint_wrapped_module.")
 
 
 # ----------------------------------------------------------------------------------------------- CodeCarbon

@@ -12,6 +12,9 @@
                 trainer_state.json  counters, data cursor, callback state, the run config, the model's shape
                 tokenizer.model     the tokenizer, so the checkpoint is usable on its own
                 COMPLETE            written last, once every rank has written
+            step-00000100.portable.safetensors
+                                    the same training state for any layout, converted from step-00000100 when
+                                    a run resumes it under another one (or by python -m pretrain.convert_checkpoint)
         cache/                      the shards' byte-offset index
         emissions/node-<n>.csv      CodeCarbon's readings, one file per node
         wandb/run_id                the W&B run every invocation logs into; wandb/ holds W&B's own folders
@@ -43,6 +46,7 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 TOKENIZER_FILE = "tokenizer.model"
+PORTABLE_SUFFIX = ".portable.safetensors"
 _TAG = re.compile(r"^step-(\d{8})$")
 _NODE_CSV = re.compile(r"^node-(\d+)\.csv$")
 
@@ -157,6 +161,12 @@ class CheckpointDir:
     @property
     def tokenizer(self) -> Path:
         return self.path / TOKENIZER_FILE
+
+    @property
+    def portable(self) -> Path:
+        """The checkpoint converted for any layout (pretrain/core/portable.py), beside the checkpoint directory:
+        converting never writes into the original."""
+        return self.path.with_name(self.path.name + PORTABLE_SUFFIX)
 
     def is_complete(self) -> bool:
         return self.complete_marker.is_file() and self.state_file.is_file()

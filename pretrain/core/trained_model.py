@@ -23,6 +23,7 @@ import sentencepiece as spm
 import torch
 
 from common.errors import UserError
+from pretrain.core.library_internals import wrapper_name_parts
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
 from pretrain.core.run_dir import CheckpointDir, RunDir
@@ -69,8 +70,15 @@ def training_seq_len(state: dict[str, Any], max_seq_len: int) -> int:
     return int(state["trainer"]["consumed_tokens"]) // samples if samples else max_seq_len
 
 
-def _strip_compile_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
+def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain model's names: without what torch.compile and activation checkpointing put into them (ZeRO's
+    files record parameter names as the engine saw them)."""
+    stripped = {}
+    for key, value in state_dict.items():
+        for wrapper in wrapper_name_parts():
+            key = key.replace(wrapper, "")
+        stripped[key] = value
+    return stripped
 
 
 def model_state_dict(checkpoint: CheckpointDir, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -79,11 +87,11 @@ def model_state_dict(checkpoint: CheckpointDir, zero_stage: int) -> dict[str, to
         if not files:
             raise UserError(f"{checkpoint.path} has no mp_rank_*_model_states.pt; the checkpoint is incomplete")
         saved = torch.load(files[0], map_location="cpu", weights_only=False)
-        return _strip_compile_prefix(saved["module"])
+        return _strip_wrappers(saved["module"])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
-    return _strip_compile_prefix(dict(state))
+    return _strip_wrappers(dict(state))
 
 
 def load_trained_model(run_dir: str | None, checkpoint: str | None = None, device: str = "cpu") -> TrainedModel:

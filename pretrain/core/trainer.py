@@ -29,7 +29,7 @@ from common.errors import UserError
 from common.files import append_line, write_text_atomic
 from data_prep.manifest import Manifest
 from pretrain.core.callbacks import Callback, default_callbacks, ordered
-from pretrain.core.checkpoint import Checkpointer, check_resume_layout
+from pretrain.core.checkpoint import Checkpointer
 from pretrain.core.config import RunConfig
 from pretrain.core.data import BatchLayout, TokenSamples, build_index, eval_batches, train_loader
 from pretrain.core.distributed import World, all_reduce_max, all_reduce_sum, barrier
@@ -38,6 +38,7 @@ from pretrain.core.faults import Faults
 from pretrain.core.library_internals import shutdown_loader_workers
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
+from pretrain.core.reshard import restore
 from pretrain.core.run_dir import Outcome, ProcessInfo, RunDir
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -113,13 +114,10 @@ class Trainer:
         latest = self.checkpointer.latest()
         if latest is None:
             return
-        check_resume_layout(latest, self.config, self.layout.data_parallel_size)
-        saved = self.checkpointer.load(self.step.engine, latest)
-        if saved.get("tokenizer_sha256") != self.manifest.tokenizer_sha256:
-            raise UserError(
-                f"run_dir={self.config.run_dir!r} was trained with another tokenizer (checkpoint {latest.tag}); "
-                "use a new run_dir for this dataset"
-            )
+        # Any layout resumes any checkpoint (converted when DeepSpeed cannot load it as it is); another model or
+        # tokenizer was refused before anything started (layout.resume_problems).
+        faults = self.faults.kill_during_conversion_after
+        saved = restore(self.checkpointer, self.step.engine, latest, self.config, self.world, faults)
         self.state = TrainerState(**saved["trainer"])
         for callback in self.callbacks:
             if callback.state_key and callback.state_key in saved.get("callbacks", {}):

@@ -19,7 +19,7 @@ from tests.support import REPO
 
 
 def test_pipeline_grid_and_local_layer_range_of_a_deepspeed_pipeline_module() -> None:
-    # A PipelineModule needs a process group: one gloo rank, in a child process so no group outlives the test.
+    # A PipelineModule needs a process group.
     script = textwrap.dedent(
         """
         import deepspeed, torch
@@ -34,10 +34,91 @@ def test_pipeline_grid_and_local_layer_range_of_a_deepspeed_pipeline_module() ->
         print("ok")
         """
     )
+    done = _run_one_rank(script)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _run_one_rank(script: str) -> subprocess.CompletedProcess[str]:
+    """A script on one gloo rank, in a child process so no process group outlives the test."""
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     env["MASTER_PORT"] = str(__import__("common.net", fromlist=["free_port"]).free_port())
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_deepspeed_optimizer_internals_that_resuming_on_another_layout_reads_and_sets() -> None:
+    script = textwrap.dedent(
+        """
+        import deepspeed, torch
+        from deepspeed.pipe import LayerSpec, PipelineModule
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        from pretrain.core import library_internals as internals
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+        def engine(stage, precision, pipeline=False):
+            torch.manual_seed(0)
+            if pipeline:
+                model = PipelineModule(layers=[LayerSpec(torch.nn.Linear, 4, 3)], num_stages=1, loss_fn=torch.nn.MSELoss())
+            else:
+                model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+            matrices = [p for p in model.parameters() if p.dim() == 2]
+            vectors = [p for p in model.parameters() if p.dim() == 1]
+            groups = [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}]
+            config = {"train_batch_size": 1, "zero_optimization": {"stage": stage},
+                      "bf16": {"enabled": precision == "bf16"}, "zero_allow_untested_optimizer": True}
+            built, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=0.1), config=config)
+            if not pipeline:
+                dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+                loss = built(torch.randn(2, 4, dtype=dtype)).float().square().sum()
+                built.backward(loss)
+                built.step()
+            return built
+
+        assert internals.optimizer_kind(engine(0, "fp32").optimizer) == "torch"
+
+        unfused = engine(0, "bf16").optimizer
+        assert internals.optimizer_kind(unfused) == "unfused"
+        pairs = internals.unfused_masters(unfused)
+        assert len(pairs) == 4 and all(l.dtype == torch.bfloat16 and m.dtype == torch.float32 for l, m in pairs)
+        assert all(l.shape == m.shape and "exp_avg" in unfused.optimizer.state[m] for l, m in pairs)
+
+        zero1 = engine(1, "fp32")
+        assert internals.optimizer_kind(zero1.optimizer) == "fragments"
+        flats = internals.master_partitions(zero1.optimizer)
+        assert [group for _, group in flats] == [0, 1] and sum(f.numel() for f, _ in flats) >= 12 + 3 + 6
+        internals.link_fragment_state(zero1.optimizer)  # without it, group 1's parameters have no state fragment
+        bias = zero1.module[0].bias
+        state = zero1.optimizer.optimizer.state[flats[1][0]]["exp_avg"]
+        assert torch.equal(safe_get_full_optimizer_state(bias, "exp_avg"), state[: bias.numel()])
+
+        zero3 = engine(3, "fp32")
+        assert internals.optimizer_kind(zero3.optimizer) == "zero3"
+        assert [group for _, group in internals.master_partitions(zero3.optimizer)] == [0, 1]
+        weight = zero3.module[0].weight
+        partition, rank, ranks = internals.zero3_partition(weight)
+        assert (rank, ranks) == (0, 1) and partition.numel() == weight.ds_numel == 12
+        assert torch.equal(partition.view(3, 4), safe_get_full_fp32_param(weight))
+
+        bf16_pipe = engine(0, "bf16", pipeline=True).optimizer
+        assert type(bf16_pipe).__name__ == "BF16_Optimizer" and internals.optimizer_kind(bf16_pipe) == "fragments"
+        assert sum(f.numel() for f, _ in internals.master_partitions(bf16_pipe)) >= 15
+        print("ok")
+        """
+    )
+    done = _run_one_rank(script)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_wrapper_name_parts_are_what_torch_compile_and_checkpoint_wrapper_put_into_parameter_names() -> None:
+    apply_checkpointing, wrapper, _ = internals.checkpoint_wrapper_tools()
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    apply_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: m is model[1])
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
+    names = [name for name, _ in compiled.named_parameters()]
+    assert names[0] == "_orig_mod.0.weight" and names[2] == "_orig_mod.1._checkpoint_wrapped_module.weight"
+    stripped = names[2]
+    for part in internals.wrapper_name_parts():
+        stripped = stripped.replace(part, "")
+    assert stripped == "1.weight"
 
 
 def test_shutdown_loader_workers_ends_the_worker_processes() -> None:
