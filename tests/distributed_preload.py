@@ -1,7 +1,7 @@
 """The warm-up of tests/distributed_runner.py's fork server: imported once, by that server only.
 
 It imports what every `python -m pretrain` rank imports (torch, DeepSpeed, Hydra, the trainer, W&B and CodeCarbon,
-which the default callbacks load) and does DeepSpeed's start-up probing, so that the ranks forked from the server
+which the default callbacks load) so that the ranks forked from the server
 start with all that done instead of spending about 4-5 s of CPU each on it. A module that fails to import is left out here: the rank imports it
 again and reports the error in its own output, as it would under torchrun (the fork server itself would die of
 anything but an ImportError and take the real traceback with it).
@@ -10,6 +10,7 @@ anything but an ImportError and take the real traceback with it).
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import sys
 
@@ -54,10 +55,6 @@ for _name in MODULES:
     with contextlib.suppress(Exception):
         importlib.import_module(_name)
 
-# Start-up work that every rank repeats identically: DeepSpeed probes which of its ops this machine can build
-# (compiler subprocesses, ~0.4 s) and loads its shared-memory collectives op, JIT-built into the torch extensions
-# cache (a ninja check and a dlopen). Done here, it is done once; failing here, each rank does it (and fails) itself.
-with contextlib.suppress(Exception):
-    from deepspeed.comm.torch import build_shm_op
-
-    build_shm_op()
+# The pre-fork server pattern of Python's gc docs: objects made so far are never scanned by a rank's collections,
+# so its garbage collector neither spends time on them nor copies their pages (copy-on-write) by touching them.
+gc.freeze()
