@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from common.app import run_app
-from data_prep.manifest import MANIFEST_NAME, load_manifest
 from pretrain.core.config import RunConfig, register_configs, validate_run
+from pretrain.core.mixture import DataSources
 
 
 def train(config: RunConfig) -> int:
-    # Every config problem is reported before any process group, engine or data loader starts; the manifest
-    # is read once, here, and handed to the trainer.
-    manifest = load_manifest(config.data_dir) if (Path(config.data_dir) / MANIFEST_NAME).is_file() else None
-    validate_run(config, manifest, int(os.environ.get("WORLD_SIZE", "1")))
-    assert manifest is not None  # validate_run refuses a data_dir without one
+    # Every config problem is reported before any process group, engine or data loader starts; the datasets'
+    # manifests are read once, here, and handed to the trainer.
+    sources = DataSources.from_config(config)
+    validate_run(config, sources, int(os.environ.get("WORLD_SIZE", "1")))
     # Imported here so that `--help` and config errors do not pay for importing DeepSpeed.
     from pretrain.core.distributed import init_distributed, shutdown
     from pretrain.core.trainer import Trainer
 
     world = init_distributed()
     try:
-        return Trainer(config, manifest, world).run()
+        return Trainer(config, sources, world).run()
     finally:
         shutdown()
 

@@ -5,9 +5,11 @@ The W&B run id is kept in RUN/wandb/run_id and in every checkpoint (this callbac
 Offline (the default) each invocation writes RUN/wandb/offline-run-<time>-<id>/, and
 `wandb sync RUN/wandb/offline-run-*-<id>` uploads them, in order, into that one run.
 
-Every metric written to metrics.jsonl is logged under the same name, with `step` as every chart's x-axis and
-`tokens` declared as the other one; the resolved config is the run's config. A W&B error is reported in one
-line and turns W&B off for the rest of the invocation: tracking never stops training.
+Every metric written to metrics.jsonl is logged under the same name (per-source ones too: tokens/<source>,
+val_loss/<source>, and the data mixture's data_weight/<source> at its start and at each change), with `step`
+as every chart's x-axis and `tokens` declared as the other one; the resolved config is the run's config. A
+W&B error is reported in one line and turns W&B off for the rest of the invocation: tracking never stops
+training.
 """
 
 from __future__ import annotations
@@ -77,6 +79,17 @@ class WandbRun(Callback):
     def on_eval(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if self.run is not None:
             self._guard(self.run.log, dict(metrics))
+
+    def on_mixture(self, trainer: TrainerView, mixture: dict[str, Any]) -> None:
+        # The weights as charts against the step (a step function: its jumps are the changes); `previous` is
+        # in metrics.jsonl, and each change is in the run's summary.
+        if self.run is not None:
+            self._guard(self.run.log, {k: v for k, v in mixture.items() if k != "previous"})
+            self._guard(self._summarize_mixture, mixture)
+
+    def _summarize_mixture(self, mixture: dict[str, Any]) -> None:
+        self.run.summary["mixture_segment"] = mixture["mixture_segment"]
+        self.run.summary["mixture_step"] = mixture["step"]
 
     def on_train_end(self, trainer: TrainerView) -> None:
         if self.run is not None:
