@@ -69,6 +69,13 @@ def training_seq_len(state: dict[str, Any], max_seq_len: int) -> int:
     return int(state["trainer"]["consumed_tokens"]) // samples if samples else max_seq_len
 
 
+def training_data_dirs(state: dict[str, Any]) -> list[str]:
+    """The datasets a checkpoint was trained on: its data mixture's sources, or its one data_dir."""
+    if state.get("data_dirs"):
+        return [str(d) for d in state["data_dirs"]]
+    return [str(state.get("data_dir") or state["config"]["data_dir"])]
+
+
 def _strip_compile_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
 
