@@ -128,15 +128,11 @@ class MixtureState:
         return self.segments[-1]
 
     def describe(self, units: dict[str, int] | None = None) -> str:
+        """`books 0.7, poems 0.3`: the weights by source name (the current segment's by default)."""
         units = units if units is not None else self.current.units
         period = sum(units.values())
-        return ", ".join(
-            f"{self.sources[s].name} {u / period:.4g}" for s, u in sorted(units.items(), key=_by_name(self))
-        )
-
-
-def _by_name(state: MixtureState) -> Any:
-    return lambda item: state.sources[item[0]].name
+        named = sorted((self.sources[s].name, u / period) for s, u in units.items())
+        return ", ".join(f"{name} {weight:.4g}" for name, weight in named)
 
 
 class MixtureOrder:
@@ -196,58 +192,37 @@ class DataSources:
 
     # ------------------------------------------------------------------------------------ checks
     def problems(self) -> ConfigProblems:
-        """Each source prepared, with training samples, one tokenizer and one seq_len for all, unique names."""
+        """Each source prepared, with training samples; one tokenizer and one seq_len for all; no two sources of
+        one name (metrics tell them apart by name) or of the same shards."""
         problems = ConfigProblems()
-        first: DataSource | None = None
-        names: dict[str, DataSource] = {}
+        seen: list[DataSource] = []  # the sources with a manifest, in config order
         for source in self.sources:
             where = str(source.path)
             if source.manifest is None:
-                problems.add(
-                    source.key, where, source.load_error or "holds no manifest.json: run python -m data_prep first"
-                )
+                why = source.load_error or "holds no manifest.json: run python -m data_prep first"
+                problems.add(source.key, where, why)
                 continue
             if source.train_samples == 0:
                 problems.add(source.key, where, "has no training samples; prepare it from more text")
-            if source.name in names:
-                other = names[source.name]
+            namesake = next((s for s in seen if s.name == source.name), None)
+            twin = next((s for s in seen if s.fingerprint == source.fingerprint), None)
+            if namesake is not None:
                 problems.add(
                     source.key,
                     where,
-                    f"has the same directory name as {other.key}={str(other.path)!r} ({source.name!r}), and sources are "
-                    "named by their directory in metrics: rename one directory, or drop a duplicate",
+                    f"has the same directory name as {namesake.key}={str(namesake.path)!r} ({source.name!r}), and "
+                    "sources are named by their directory in metrics: rename one directory, or drop a duplicate",
                 )
-            names.setdefault(source.name, source)
-            twin = next(
-                (s for s in self.sources if s.manifest and s is not source and s.fingerprint == source.fingerprint),
-                None,
-            )
-            if twin is not None and self.sources.index(twin) < self.sources.index(source):
+            elif twin is not None:
                 problems.add(
                     source.key,
                     where,
                     f"holds the same training shards as {twin.key}={str(twin.path)!r}: list the data once (give it "
                     "the sum of the weights)",
                 )
-            if first is None:
-                first = source
-                continue
-            assert first.manifest is not None
-            if source.manifest.tokenizer_sha256 != first.manifest.tokenizer_sha256:
-                problems.add(
-                    source.key,
-                    where,
-                    f"was prepared with another tokenizer than {first.key}={str(first.path)!r} (sha256 "
-                    f"{source.manifest.tokenizer_sha256[:12]}… vs {first.manifest.tokenizer_sha256[:12]}…): prepare "
-                    f"it again with tokenizer.model_path={first.path / first.manifest.tokenizer_file}",
-                )
-            if source.manifest.seq_len != first.manifest.seq_len:
-                problems.add(
-                    source.key,
-                    where,
-                    f"has seq_len {source.manifest.seq_len}, {first.key}={str(first.path)!r} has "
-                    f"{first.manifest.seq_len}: prepare every source with one seq_len",
-                )
+            if seen:
+                problems.extend(_compatibility(seen[0], source))
+            seen.append(source)
         return problems
 
     @property
@@ -270,10 +245,6 @@ class DataSources:
     @property
     def names(self) -> list[str]:
         return [source.name for source in self.sources]
-
-    @property
-    def paths(self) -> list[str]:
-        return [str(source.path) for source in self.sources]
 
     def units(self) -> dict[str, int]:
         """The configured mixture: source id -> integer weight."""
@@ -317,8 +288,8 @@ class DataSources:
         current = saved.current
         for source in self.sources:
             known = saved.sources.get(source.fingerprint)
-            renamed = [r for s, r in saved.sources.items() if r.name == source.name and s != source.fingerprint]
-            if known is None and renamed:
+            namesakes = [r for s, r in saved.sources.items() if r.name == source.name and s != source.fingerprint]
+            if known is None and namesakes:
                 problems.add(
                     source.key,
                     str(source.path),
@@ -381,14 +352,20 @@ class DataSources:
             "tokens": segment.start * self.manifest.seq_len,
             "mixture_segment": len(self.state.segments) - 1,
         }
+        left = previous.units if previous is not None else {}  # sources the new mixture leaves out: weight 0
+        entry.update({f"data_weight/{names[s].name}": 0.0 for s in left})
         entry.update({f"data_weight/{names[s].name}": w for s, w in segment.weights().items()})
         if previous is not None:
             entry["previous"] = {names[s].name: w for s, w in previous.weights().items()}
         return entry
 
-    def state_dict(self) -> dict[str, Any]:
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """What a checkpoint records of the data: the directories read (`data_dir`, or a mixture's `data_dirs`)
+        and the mixture's run state (`mixture`), which `resume` reads back."""
         assert self.state is not None
-        return self.state.state_dict()
+        paths = [str(source.path) for source in self.sources]
+        data = {"data_dirs": paths} if self.is_mixture else {"data_dir": paths[0]}
+        return {**data, "mixture": self.state.state_dict()}
 
     def order(self, offsets: dict[str, int] | None = None) -> MixtureOrder:
         """The training order from the current segment on; `offsets` (source id -> first sample id in the
@@ -410,3 +387,26 @@ class DataSources:
         counts = order.consumed(cursor)
         seq_len = self.manifest.seq_len
         return {f"tokens/{source.name}": counts.get(source.fingerprint, 0) * seq_len for source in self.sources}
+
+
+def _compatibility(first: DataSource, source: DataSource) -> ConfigProblems:
+    """Whether `source` can be mixed with `first`: the same tokenizer and the same seq_len."""
+    assert first.manifest is not None and source.manifest is not None
+    problems, where = ConfigProblems(), str(source.path)
+    mine, theirs = source.manifest, first.manifest
+    if mine.tokenizer_sha256 != theirs.tokenizer_sha256:
+        problems.add(
+            source.key,
+            where,
+            f"was prepared with another tokenizer than {first.key}={str(first.path)!r} (sha256 "
+            f"{mine.tokenizer_sha256[:12]}… vs {theirs.tokenizer_sha256[:12]}…): prepare it again with "
+            f"tokenizer.model_path={first.path / theirs.tokenizer_file}",
+        )
+    if mine.seq_len != theirs.seq_len:
+        problems.add(
+            source.key,
+            where,
+            f"has seq_len {mine.seq_len}, {first.key}={str(first.path)!r} has {theirs.seq_len}: prepare every "
+            "source with one seq_len",
+        )
+    return problems

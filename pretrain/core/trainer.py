@@ -269,9 +269,8 @@ class Trainer:
         started = time.perf_counter()
         # Each source's validation set on its own (every rank in the same order: passes are collective), then
         # the token-weighted mean over all of them.
-        totals = {}
+        totals, layout = {}, self.layout
         for name, val_set in self.val_sets.items():
-            layout = self.layout
             batches = eval_batches(
                 val_set,
                 self.config.eval.samples,
@@ -301,8 +300,7 @@ class Trainer:
             "trainer": asdict(self.state),
             "callbacks": {c.state_key: c.state_dict() for c in self.callbacks if c.state_key},
             "tokenizer_sha256": self.manifest.tokenizer_sha256,
-            **({"data_dirs": self.sources.paths} if self.sources.is_mixture else {"data_dir": self.sources.paths[0]}),
-            "mixture": self.sources.state_dict(),
+            **self.sources.checkpoint_fields(),  # data_dir or data_dirs, and the mixture's run state
             "world_size": self.world.world_size,
             "zero_stage": self.config.zero_stage,
             "pipeline_stages": self.config.parallel.pipeline_stages,

@@ -26,7 +26,7 @@ def mixture(books: Path, poems: Path, weights: tuple[float, float], **settings) 
 
 def as_saved(sources: DataSources) -> dict:
     """What a checkpoint's trainer_state.json holds of the sources (through JSON, as on disk)."""
-    return json.loads(json.dumps({"mixture": sources.state_dict()}))
+    return json.loads(json.dumps(sources.checkpoint_fields()))
 
 
 def by_source(ids: list[int], books_samples: int) -> tuple[list[int], list[int]]:
