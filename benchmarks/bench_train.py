@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,25 +52,13 @@ def model_config(name: str, vocab_size: int) -> ModelConfig:
     return ModelConfig(**{**preset, "vocab_size": vocab_size})  # type: ignore[arg-type]
 
 
-def framework(data: Path, args: argparse.Namespace, run_dir: Path) -> float:
-    command = [
-        sys.executable,
-        "-m",
-        "pretrain",
-        f"data_dir={data}",
-        f"run_dir={run_dir}",
-        f"model={args.model}",
-        f"train.max_steps={args.steps}",
-        f"train.micro_batch_size={args.micro_batch}",
-        f"train.global_batch_size={args.micro_batch}",
-        f"train.log_interval={args.steps // 4}",
-        "train.warmup_steps=10",
-        "eval.interval=0",
-        "eval.at_end=false",
-        "checkpoint.interval=0",
-        "zero_stage=0",
-        "precision=fp32",
-    ]
+def framework(data_args: list[str], args: argparse.Namespace, run_dir: Path) -> float:
+    """tokens/s of `python -m pretrain` (1 process, ZeRO-0, fp32) on the datasets `data_args` name."""
+    command = [sys.executable, "-m", "pretrain", *data_args, f"run_dir={run_dir}", f"model={args.model}"]
+    command += [f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}"]
+    command += [f"train.global_batch_size={args.micro_batch}", f"train.log_interval={args.steps // 4}"]
+    command += ["train.warmup_steps=10", "eval.interval=0", "eval.at_end=false", "checkpoint.interval=0"]
+    command += ["zero_stage=0", "precision=fp32"]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
     entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [e["tokens_per_second"] for e in entries if e["kind"] == "train"]
@@ -139,26 +128,13 @@ def prepare_second_source(data: Path) -> Path:
     return target
 
 
-def sampler_seconds_per_sample(order, samples: int) -> float:
+def sampler_seconds_per_sample(order: Callable[[int], int], samples: int) -> float:
     """CPU seconds per sample the data loader's sampler spends finding the next sample in `order`."""
     sampler = iter(CursorSampler(order, BatchLayout(8, 1, 1, 0), 1_000_000))  # far into the run: O(1) anyway
     started = time.process_time()
     for _ in range(samples):
         next(sampler)
     return (time.process_time() - started) / samples
-
-
-def _pretrain_rate(data_args: list[str], args: argparse.Namespace, run_dir: Path) -> float:
-    """tokens/s of `python -m pretrain` as `framework` runs it, on the datasets `data_args` name."""
-    command = [sys.executable, "-m", "pretrain", *data_args, f"run_dir={run_dir}", f"model={args.model}"]
-    command += [f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}"]
-    command += [f"train.global_batch_size={args.micro_batch}", f"train.log_interval={args.steps // 4}"]
-    command += ["train.warmup_steps=10", "eval.interval=0", "eval.at_end=false", "checkpoint.interval=0"]
-    command += ["zero_stage=0", "precision=fp32"]
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
-    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [e["tokens_per_second"] for e in entries if e["kind"] == "train"]
-    return sum(rates[1:]) / len(rates[1:])  # the first interval holds the warm-up
 
 
 def mixture_overhead(data: Path, args: argparse.Namespace, temp: Path, rounds: int = 2) -> None:
@@ -194,7 +170,7 @@ def mixture_overhead(data: Path, args: argparse.Namespace, temp: Path, rounds: i
             ("one source", [f"data_dir={data}"]),
             ("mixture", [f"data_dirs=[{data},{second}]", "data_weights=[0.7,0.3]"]),
         ):
-            rates[name].append(_pretrain_rate(data_args, args, temp / f"run-{name.replace(' ', '-')}-{round_index}"))
+            rates[name].append(framework(data_args, args, temp / f"run-{name.replace(' ', '-')}-{round_index}"))
     one, mix = (sum(r) / len(r) for r in rates.values())
     step_seconds = args.micro_batch * seq_len / one
     added = (mixed - single) * args.micro_batch
@@ -226,7 +202,7 @@ def main() -> None:
     data = prepare_data(args.data)
     with tempfile.TemporaryDirectory() as temp:
         run_dir = Path(temp) / "run"
-        framework_rate = framework(data, args, run_dir)
+        framework_rate = framework([f"data_dir={data}"], args, run_dir)
         bare_rate, flops_per_token = bare_loop(data, args, Path(temp) / "cache")
         loader_rate = loader_alone(data, args, Path(temp) / "cache")
     print(
