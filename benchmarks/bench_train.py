@@ -178,7 +178,7 @@ def mixture_overhead(data: Path, args: argparse.Namespace, temp: Path, rounds: i
     print(f"  data mixture: {data.name} 0.7 + {second.name} 0.3 ({sources.sources[1].train_samples:,} samples)")
     print(f"    sampler, one source / mixture   {single * 1e6:9.2f} / {mixed * 1e6:.2f} µs CPU per sample")
     print(
-        f"    added per step / step time      {added * 1e3:9.3f} ms / {step_seconds * 1e3:.1f} ms = {added / step_seconds:.3%}  (target < 2%)"
+        f"    added per step / step time      {added * 1e3:9.3f} ms / {step_seconds * 1e3:.1f} ms = {added / step_seconds:.4%}  (target < 2%)"
     )
     print(
         f"    python -m pretrain, one source  {one:12,.0f} tokens/s  (runs: {', '.join(f'{r:,.0f}' for r in rates['one source'])})"
