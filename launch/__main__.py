@@ -23,19 +23,17 @@ job script around the run.)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from hydra.core.hydra_config import HydraConfig
 
 from common.app import run_app, sweep_point
-from data_prep.manifest import MANIFEST_NAME, load_manifest
 from launch.config import LaunchConfig, SlurmLauncherConfig, register_configs, training_overrides, validate_launch
+from pretrain.core.mixture import DataSources
 from pretrain.core.run_dir import RunDir, SweepPoint
 
 
 def launch(config: LaunchConfig) -> int:
-    manifest = load_manifest(config.data_dir) if (Path(config.data_dir) / MANIFEST_NAME).is_file() else None
-    validate_launch(config, manifest)
+    # The datasets (one data_dir, or a mixture's data_dirs) are checked here as the ranks will check them.
+    validate_launch(config, DataSources.from_config(config))
     # The ranks get the training part of this command line, and compose the config validated above from it.
     args = training_overrides(list(HydraConfig.get().overrides.task))
     point = sweep_point()

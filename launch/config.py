@@ -24,9 +24,9 @@ from omegaconf import MISSING
 
 from common.errors import ConfigProblems, UserError
 from common.slurm import slurm_time_seconds
-from data_prep.manifest import Manifest
 from pretrain.core.config import RunConfig, run_problems
 from pretrain.core.config import register_configs as register_run_configs
+from pretrain.core.mixture import DataSources
 
 PROGRAMS = ("torchrun", "deepspeed")
 
@@ -215,13 +215,13 @@ class LaunchConfig(RunConfig):
         return int(self.launcher.world_size)
 
 
-def validate_launch(config: LaunchConfig, manifest: Manifest | None) -> None:
+def validate_launch(config: LaunchConfig, sources: DataSources | None) -> None:
     """The launcher's own checks and the run's checks at the launcher's world size, reported at once."""
     if not isinstance(config.launcher, LocalLauncherConfig | SlurmLauncherConfig):
         raise UserError(f"launcher: choose launcher=local or launcher=slurm (got {type(config.launcher).__name__})")
     problems = config.launcher.problems()
     if config.launcher.world_size >= 1:
-        problems.extend(run_problems(config.run_config(), manifest, config.world_size))
+        problems.extend(run_problems(config.run_config(), sources, config.world_size))
     problems.raise_if_any()
 
 

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from common.app import run_app, sweep_point
-from data_prep.manifest import MANIFEST_NAME, load_manifest
 from pretrain.core.config import RunConfig, register_configs, validate_run
+from pretrain.core.mixture import DataSources
 from pretrain.core.run_dir import RunDir, SweepPoint
 
 
 def train(config: RunConfig) -> int:
-    # Every config problem is reported before any process group, engine or data loader starts; the manifest
-    # is read once, here, and handed to the trainer.
-    manifest = load_manifest(config.data_dir) if (Path(config.data_dir) / MANIFEST_NAME).is_file() else None
-    validate_run(config, manifest, int(os.environ.get("WORLD_SIZE", "1")))
-    assert manifest is not None  # validate_run refuses a data_dir without one
+    # Every config problem is reported before any process group, engine or data loader starts; the datasets'
+    # manifests are read once, here, and handed to the trainer.
+    sources = DataSources.from_config(config)
+    validate_run(config, sources, int(os.environ.get("WORLD_SIZE", "1")))
     point = sweep_point()  # `python -m pretrain -m ...`: the run remembers its sweep (python -m launch does too)
     if point is not None and os.environ.get("RANK", "0") == "0":
         RunDir(config.run_dir).write_sweep(SweepPoint(**point))
@@ -26,7 +24,7 @@ def train(config: RunConfig) -> int:
 
     world = init_distributed()
     try:
-        return Trainer(config, manifest, world).run()
+        return Trainer(config, sources, world).run()
     finally:
         shutdown()
 

@@ -7,7 +7,8 @@ sample's byte offset is indexed once from the tar headers, so any sample is one 
 
 - the order of epoch `e` is a permutation of all training samples seeded by `(seed, e)`;
 - the *global position* `p` (a count of samples consumed since the start, across epochs) maps to sample
-  `perm_{p // N}[p % N]`;
+  `perm_{p // N}[p % N]` (sample_order.py; a mixture of several datasets first deals p to a source:
+  mixture.py);
 - an optimizer step consumes positions `[c, c + global_batch)`; micro-batch `m` of data-parallel rank `r`
   takes `c + (m * dp + r) * micro_batch + [0, micro_batch)`.
 
@@ -21,9 +22,11 @@ import hashlib
 import io
 import os
 import signal
-from collections.abc import Iterator
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +34,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.errors import UserError
 from data_prep.manifest import Manifest
+from pretrain.core.sample_order import GlobalOrder
+
+if TYPE_CHECKING:
+    from pretrain.core.mixture import DataSources
 
 BLOCK = 512
 # A collated micro-batch: input_ids (B, T), targets (B, T), segment_ids (B, T), indices (B,) sample numbers.
@@ -161,27 +168,54 @@ class TokenSamples(Dataset):
         for descriptor in self._handles.values():
             os.close(descriptor)
 
+    def trace_labels(self, indices: list[int]) -> list[int] | list[str]:
+        """How the sample trace (train.trace_samples) names these samples: their numbers."""
+        return indices
 
-class GlobalOrder:
-    """Global position -> sample index: a fresh permutation per epoch, seeded by (seed, epoch)."""
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
-        if num_samples <= 0:
-            raise UserError("the training split has no samples; prepare the dataset again")
-        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
-        self._epoch, self._permutation = -1, np.arange(0)
+class MixedSamples(Dataset):
+    """Several sources' training samples as one map-style dataset: sample id = its source's offset + its number
+    in the source (the offsets are the sources' sizes summed in order)."""
 
-    def __call__(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_samples)
-        if not self.shuffle:
-            return offset
-        if epoch != self._epoch:
-            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            self._epoch = epoch
-        return int(self._permutation[offset])
+    def __init__(self, parts: list[TokenSamples], names: list[str]) -> None:
+        self.parts, self.names = parts, names
+        self.offsets = [0]
+        for part in parts:
+            self.offsets.append(self.offsets[-1] + len(part))
 
-    def epoch(self, position: int) -> int:
-        return position // self.num_samples
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(source, sample number in it) of sample id i."""
+        source = bisect_right(self.offsets, i) - 1
+        return source, i - self.offsets[source]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        source, number = self.locate(i)
+        tokens, segments, _ = self.parts[source][number]
+        return tokens, segments, i
+
+    def trace_labels(self, indices: list[int]) -> list[str]:
+        """`<source name>/<sample number>`: the trace shows which source each sample came from."""
+        return [f"{self.names[s]}/{n}" for s, n in map(self.locate, indices)]
+
+
+def open_sources(
+    sources: DataSources, cache: Path | None
+) -> tuple[TokenSamples | MixedSamples, dict[str, TokenSamples]]:
+    """The training dataset (one source's samples, or a mixture's concatenated in config order) and each
+    source's validation split (by source name; sources without one left out). Indexes the shards the cache
+    does not hold yet."""
+    seq_len = sources.manifest.seq_len
+    parts, validation = [], {}
+    for source in sources.sources:
+        assert source.manifest is not None
+        parts.append(TokenSamples(build_index(source.path, source.manifest, "train", cache), seq_len))
+        if source.has_val:
+            validation[source.name] = TokenSamples(build_index(source.path, source.manifest, "val", cache), seq_len)
+    train = MixedSamples(parts, sources.names) if sources.is_mixture else parts[0]
+    return train, validation
 
 
 @dataclass(frozen=True)
@@ -206,7 +240,7 @@ class BatchLayout:
 class CursorSampler(Sampler[int]):
     """This rank's sample indices from global position `start` on, step after step (endless)."""
 
-    def __init__(self, order: GlobalOrder, layout: BatchLayout, start: int) -> None:
+    def __init__(self, order: Callable[[int], int], layout: BatchLayout, start: int) -> None:
         self.order, self.layout, self.start = order, layout, start
 
     def __iter__(self) -> Iterator[int]:
@@ -237,9 +271,17 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 def train_loader(
-    dataset: TokenSamples, layout: BatchLayout, seed: int, start: int, workers: int, pin_memory: bool
+    dataset: Dataset,
+    layout: BatchLayout,
+    seed: int,
+    start: int,
+    workers: int,
+    pin_memory: bool,
+    order: Callable[[int], int] | None = None,
 ) -> DataLoader:
-    sampler = CursorSampler(GlobalOrder(len(dataset), seed), layout, start)
+    """Batches from global position `start` on, in `order` (position -> sample id; by default one source's
+    permutations seeded by `seed`)."""
+    sampler = CursorSampler(order or GlobalOrder(len(dataset), seed), layout, start)  # type: ignore[arg-type]
     return DataLoader(
         dataset,
         batch_size=layout.micro_batch_size,

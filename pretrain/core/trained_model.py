@@ -81,6 +81,13 @@ def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return stripped
 
 
+def training_data_dirs(state: dict[str, Any]) -> list[str]:
+    """The datasets a checkpoint was trained on: its data mixture's sources, or its one data_dir."""
+    if state.get("data_dirs"):
+        return [str(d) for d in state["data_dirs"]]
+    return [str(state.get("data_dir") or state["config"]["data_dir"])]
+
+
 def model_state_dict(checkpoint: CheckpointDir, zero_stage: int) -> dict[str, torch.Tensor]:
     if zero_stage == 0:
         files = sorted(checkpoint.path.glob("mp_rank_*_model_states.pt"))

@@ -27,15 +27,15 @@ import torch
 from common.app import to_container, to_yaml
 from common.errors import UserError
 from common.files import append_line, write_text_atomic
-from data_prep.manifest import Manifest
 from pretrain.core.callbacks import Callback, default_callbacks, ordered
 from pretrain.core.checkpoint import Checkpointer
 from pretrain.core.config import RunConfig
-from pretrain.core.data import BatchLayout, TokenSamples, build_index, eval_batches, train_loader
+from pretrain.core.data import BatchLayout, eval_batches, open_sources, train_loader
 from pretrain.core.distributed import World, all_reduce_max, all_reduce_sum, barrier
 from pretrain.core.engine import build_train_step
 from pretrain.core.faults import Faults
 from pretrain.core.library_internals import shutdown_loader_workers
+from pretrain.core.mixture import DataSources
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
 from pretrain.core.reshard import restore
@@ -55,16 +55,19 @@ class TrainerState:
 
 class Trainer:
     """One invocation of a run. `config` is validated (pretrain/__main__.py) and never changed here;
-    `manifest` is the dataset's, loaded once by the caller."""
+    `sources` are its datasets (one, or a mixture), loaded once by the caller."""
 
     def __init__(
-        self, config: RunConfig, manifest: Manifest, world: World, callbacks: Sequence[Callback] | None = None
+        self, config: RunConfig, sources: DataSources, world: World, callbacks: Sequence[Callback] | None = None
     ) -> None:
-        self.config, self.manifest, self.world = config, manifest, world
-        self.data_dir, self.run_dir = Path(config.data_dir), RunDir(config.run_dir)
+        self.config, self.sources, self.world = config, sources, world
+        # What every source shares (validated): vocabulary, special ids, seq_len, tokenizer.
+        self.manifest = manifest = sources.manifest
+        self.run_dir = RunDir(config.run_dir)
         # The model's shape with the dataset's vocabulary filled in (the config may leave it unset).
         self.model_config: ModelConfig = replace(config.model, vocab_size=manifest.vocab_size)
-        self.tokenizer = (self.data_dir / manifest.tokenizer_file).read_bytes()
+        self.tokenizer = sources.tokenizer_bytes()
+        self.mixture_entry: dict[str, Any] | None = None  # the data mixture this invocation starts or changes to
         self.state = TrainerState()
         self.outcome: Outcome | None = None  # None while the run goes on
         self.faults = Faults.from_env()
@@ -87,16 +90,10 @@ class Trainer:
             self.run_dir.write_process(ProcessInfo.current())  # a dashboard tells a crash from a live run by it
         barrier()
         cache = self.run_dir.cache
-        has_val = bool(manifest.splits.get("val") and manifest.splits["val"].samples)
         if world.is_main:  # one rank indexes the shards; the others read its cached index
-            build_index(self.data_dir, manifest, "train", cache)
-            if has_val:
-                build_index(self.data_dir, manifest, "val", cache)
+            open_sources(self.sources, cache)
         barrier()
-        self.train_set = TokenSamples(build_index(self.data_dir, manifest, "train", cache), manifest.seq_len)
-        self.val_set = (
-            TokenSamples(build_index(self.data_dir, manifest, "val", cache), manifest.seq_len) if has_val else None
-        )
+        self.train_set, self.val_sets = open_sources(self.sources, cache)
         if config.precision == "fp16" and world.device.type == "cpu":
             # DeepSpeed's CPU accelerator refuses fp16 ("Type fp16 is not supported on your device").
             raise UserError("precision=fp16 is not supported on CPU by DeepSpeed; use precision=bf16 or fp32")
@@ -113,12 +110,21 @@ class Trainer:
     def _restore(self) -> None:
         latest = self.checkpointer.latest()
         if latest is None:
+            self.mixture_entry = self.sources.begin(self.config.seed)
             return
         # Any layout resumes any checkpoint (converted when DeepSpeed cannot load it as it is); another model or
         # tokenizer was refused before anything started (layout.resume_problems).
         faults = self.faults.kill_during_conversion_after
         saved = restore(self.checkpointer, self.step.engine, latest, self.config, self.world, faults)
         self.state = TrainerState(**saved["trainer"])
+        self.mixture_entry = self.sources.resume(
+            saved,
+            self.state.step,
+            self.state.consumed_samples,
+            self.config.data_reweight,
+            self.config.seed,
+            f"checkpoint {latest.path}",
+        )
         for callback in self.callbacks:
             if callback.state_key and callback.state_key in saved.get("callbacks", {}):
                 callback.load_state_dict(saved["callbacks"][callback.state_key])
@@ -141,11 +147,14 @@ class Trainer:
             self.state.consumed_samples,
             self.config.train.num_workers,
             pin_memory=self.world.device.type == "cuda",
+            order=self.sources.order(),
         )
         self._batches = iter(loader)
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             self._dispatch("on_train_start")
+            if self.mixture_entry is not None:
+                self._dispatch("on_mixture", self.mixture_entry)
             self._interval_losses: list[torch.Tensor] = []
             first_step, per_run = self.state.step, self.config.train.steps_per_run
             while self.state.step < self.config.train.max_steps and self.outcome is None:
@@ -192,7 +201,7 @@ class Trainer:
         if self.config.train.trace_samples and consumed:
             append_line(
                 self.run_dir.samples_trace(self.world.rank),
-                json.dumps({"step": self.state.step + 1, "samples": consumed}),
+                json.dumps({"step": self.state.step + 1, "samples": self.train_set.trace_labels(consumed)}),
             )
         # Non-finite gradients make DeepSpeed skip the update (no weight, moment or schedule change);
         # a non-finite loss is what we count, and stop on when it persists.
@@ -236,6 +245,7 @@ class Trainer:
             "step": self.state.step,
             "consumed_samples": self.state.consumed_samples,
             "tokens": self.state.consumed_tokens,
+            **self.sources.consumed_tokens(self.state.consumed_samples),
             "loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
             "lr": self.step.lr(),
             "grad_norm": self.step.grad_norm(),
@@ -253,28 +263,32 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
-        if self.val_set is None:
+        if not self.val_sets:
             return None
         started = time.perf_counter()
-        batches = list(
-            eval_batches(
-                self.val_set,
+        # Each source's validation set on its own (every rank in the same order: passes are collective), then
+        # the token-weighted mean over all of them.
+        totals, layout = {}, self.layout
+        for name, val_set in self.val_sets.items():
+            batches = eval_batches(
+                val_set,
                 self.config.eval.samples,
-                self.layout.micro_batch_size,
-                self.layout.data_parallel_rank,
-                self.layout.data_parallel_size,
+                layout.micro_batch_size,
+                layout.data_parallel_rank,
+                layout.data_parallel_size,
             )
-        )
-        total = all_reduce_sum(self.step.evaluate(batches))
-        val_loss = float(total[0] / total[1])
+            totals[name] = all_reduce_sum(self.step.evaluate(list(batches)))
+        total = torch.stack(list(totals.values())).sum(dim=0)
         metrics = {
             "step": self.state.step,
             "tokens": self.state.consumed_tokens,
-            "val_loss": val_loss,
-            "val_perplexity": math.exp(min(val_loss, 50.0)),
+            **_loss_metrics(total),
             "eval_samples": int(total[1]) // self.manifest.seq_len,
             "eval_seconds": time.perf_counter() - started,
         }
+        if self.sources.is_mixture:
+            for name, source_total in totals.items():
+                metrics.update({f"{key}/{name}": value for key, value in _loss_metrics(source_total).items()})
         self._dispatch("on_eval", metrics)
         return metrics
 
@@ -285,7 +299,7 @@ class Trainer:
             "trainer": asdict(self.state),
             "callbacks": {c.state_key: c.state_dict() for c in self.callbacks if c.state_key},
             "tokenizer_sha256": self.manifest.tokenizer_sha256,
-            "data_dir": str(self.data_dir),
+            **self.sources.checkpoint_fields(),  # data_dir or data_dirs, and the mixture's run state
             "world_size": self.world.world_size,
             "zero_stage": self.config.zero_stage,
             "pipeline_stages": self.config.parallel.pipeline_stages,
@@ -328,6 +342,12 @@ class Trainer:
                 "run the same command to resume",
                 flush=True,
             )
+
+
+def _loss_metrics(total: torch.Tensor) -> dict[str, float]:
+    """val_loss and val_perplexity of evaluation totals [sum of token losses, tokens]."""
+    val_loss = float(total[0] / total[1])
+    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,4 +1,4 @@
-"""`RUN/metrics.jsonl`: one JSON object per logged step and per evaluation (global rank 0 only).
+"""`RUN/metrics.jsonl`: one JSON object per logged step, per evaluation and per data mixture (global rank 0 only).
 
 On resume, entries past the restored step (logged after the checkpoint by the run that crashed) are
 dropped, so the file reads as one uninterrupted run (the file is replaced, atomically). Each line is written
@@ -79,7 +79,14 @@ class MetricsFile(Callback):
     def on_train_start(self, trainer: TrainerView) -> None:
         if not trainer.world.is_main:
             return
-        kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= trainer.state.step]
+        # A mixture entry at the restored step is this invocation's to write again (or not: a reweight that
+        # crashed before its first checkpoint is gone with it).
+        step = trainer.state.step
+        kept = [
+            e
+            for e in read_metrics(self.path)
+            if e.get("step", 0) < step or (e.get("step", 0) == step and e.get("kind") != "mixture")
+        ]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, "".join(json.dumps(e) + "\n" for e in kept))
 
@@ -92,3 +99,6 @@ class MetricsFile(Callback):
 
     def on_eval(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         self._append(trainer, {"kind": "eval", **metrics})
+
+    def on_mixture(self, trainer: TrainerView, mixture: dict[str, Any]) -> None:
+        self._append(trainer, {"kind": "mixture", **mixture})

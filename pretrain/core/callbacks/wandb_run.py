@@ -16,12 +16,13 @@ invocation loses what wandb-core had not yet written to its file (it buffers up 
 invocation logs those rows again from metrics.jsonl (each line of which was on disk before the next step), up
 to the checkpoint it resumes from, then its own steps: the W&B history holds every logged step once.
 
-Every metric written to metrics.jsonl is logged under the same name, with `step` as every chart's x-axis and
-`tokens` declared as the other one; the resolved config is the run's config. The points of one sweep
-(RUN/sweep.json) share a W&B group, the sweep's id, unless wandb.group names one. At the end of each invocation
-the run's summary gets final_val_loss, total_energy_kwh and total_kg_co2eq (every invocation's CodeCarbon
-readings, failed ones included) and state. A W&B error is reported in one line and turns W&B off for the rest
-of the invocation: tracking never stops training.
+Every metric written to metrics.jsonl is logged under the same name (per-source ones too: tokens/<source>,
+val_loss/<source>, and the data mixture's data_weight/<source> at its start and at each change), with `step`
+as every chart's x-axis and `tokens` declared as the other one; the resolved config is the run's config. The
+points of one sweep (RUN/sweep.json) share a W&B group, the sweep's id, unless wandb.group names one. At the end
+of each invocation the run's summary gets final_val_loss, total_energy_kwh and total_kg_co2eq (every
+invocation's CodeCarbon readings, failed ones included) and state. A W&B error is reported in one line and
+turns W&B off for the rest of the invocation: tracking never stops training.
 """
 
 from __future__ import annotations
@@ -134,6 +135,17 @@ class WandbRun(Callback):
         step = trainer.state.step
         if self.run is not None and self._pending == step and step < self.max_steps:
             self._guard(self._commit)
+
+    def on_mixture(self, trainer: TrainerView, mixture: dict[str, Any]) -> None:
+        # The weights as charts against the step (a step function: its jumps are the changes); `previous` is
+        # in metrics.jsonl, and each change is in the run's summary.
+        if self.run is not None:
+            self._guard(self.run.log, {k: v for k, v in mixture.items() if k != "previous"})
+            self._guard(self._summarize_mixture, mixture)
+
+    def _summarize_mixture(self, mixture: dict[str, Any]) -> None:
+        self.run.summary["mixture_segment"] = mixture["mixture_segment"]
+        self.run.summary["mixture_step"] = mixture["step"]
 
     def on_train_end(self, trainer: TrainerView) -> None:
         if self.run is None:
