@@ -8,7 +8,8 @@ In order:
 (3) AdamW over two parameter groups (decay on matrices only) and the warmup + cosine schedule;
 (4) the DeepSpeed config generated from the typed run config, with `deepspeed: {...}` merged over it;
 (5) `deepspeed.initialize`, which applies ZeRO partitioning, mixed precision, gradient accumulation, and
-    returns a `PipelineEngine` for a `PipelineModule`;
+    returns a `PipelineEngine` for a `PipelineModule`; with one data-parallel replica at ZeRO-0 the engine's
+    gradient all-reduce is switched off (it would only copy every gradient twice);
 (6) the step object the loop drives (steps.py): `PlainStep` or `PipelineStep`, with this rank's coordinate
     in the data-parallel dimension.
 """
@@ -23,7 +24,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from pretrain.core.config import RunConfig
-from pretrain.core.library_internals import checkpoint_wrapper_tools, pipeline_grid
+from pretrain.core.library_internals import checkpoint_wrapper_tools, pipeline_grid, skip_gradient_allreduce
 from pretrain.core.model import GPT
 from pretrain.core.steps import PipelineStep, PlainStep, TrainStep
 
@@ -187,6 +188,9 @@ def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device:
     engine, _, _, scheduler = deepspeed.initialize(
         model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if data_parallel_size == 1 and config.zero_stage == 0 and config.parallel.pipeline_stages == 1:
+        # One replica has nothing to all-reduce, but DeepSpeed would still copy every gradient twice per step.
+        skip_gradient_allreduce(engine)
     return engine, scheduler
 
 
