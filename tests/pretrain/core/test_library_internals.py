@@ -258,3 +258,54 @@ def test_wandb_records_and_the_last_history_step_of_a_transaction_log(tmp_path: 
     steps = [r.history.step.num for r in internals.wandb_records(cut) if r.HasField("history")]
     assert steps == list(range(1, len(steps) + 1)) and 0 < len(steps) < 300
     assert internals.wandb_last_history_step(cut) == len(steps)
+
+
+def test_skip_gradient_allreduce_drops_the_gradient_all_reduce_and_trains_the_same() -> None:
+    """One gloo rank, ZeRO-0, 2 accumulation steps, fp32 and bf16: DeepSpeed all-reduces a flat buffer of every
+    gradient at each accumulation boundary; with the switch off it does not, and the weights end the same."""
+    script = textwrap.dedent(
+        """
+        import deepspeed, torch
+        from torch.profiler import profile
+        from pretrain.core import library_internals as internals
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+        def train(precision, skip):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+            initial = [p.detach().clone() for p in model.parameters()]
+            config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+                      "bf16": {"enabled": precision == "bf16"}, "zero_optimization": {"stage": 0},
+                      "steps_per_print": 10**9}
+            optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+            if skip:
+                internals.skip_gradient_allreduce(engine)
+            dtype = next(engine.module.parameters()).dtype
+            inputs = torch.randn(6, 1, 8, generator=torch.Generator().manual_seed(1))
+            with profile(record_shapes=True) as trace:
+                for x in inputs:  # 6 micro-batches: 3 optimizer steps
+                    loss = engine(x.to(dtype)).float().square().mean()
+                    engine.backward(loss)
+                    engine.step()
+            numel = sum(p.numel() for p in initial)
+            # Each all-reduce's input shapes: the gradient all-reduce is one flat buffer of every gradient.
+            flat = [e for e in trace.events() if "all_reduce" in e.name and e.input_shapes == [[numel]]]
+            weights = [p.detach().float() for p in engine.module.parameters()]
+            assert all(not torch.equal(w, i.float()) for w, i in zip(weights, initial)), "did not train"
+            return len(flat), weights
+
+        for precision in ("fp32", "bf16"):
+            reduced, expected = train(precision, skip=False)
+            skipped, got = train(precision, skip=True)
+            assert reduced == 3 and skipped == 0, (precision, reduced, skipped)
+            assert all(torch.equal(a, b) for a, b in zip(expected, got)), precision
+        print("ok")
+        """
+    )
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(__import__("common.net", fromlist=["free_port"]).free_port())
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
