@@ -117,6 +117,11 @@ def run_ranks(
             for process in processes:
                 process.start()
             failure = _supervise(processes, deadline)
+            if failure is not None:
+                # As torchrun's agent does when a worker fails: kill what the ranks left in their process groups
+                # (a killed rank's DataLoader workers and their forkserver would otherwise live on, holding the
+                # output files).
+                _kill_groups(processes)
             _wait_until_released([p for spec in specs for p in (spec.stdout, spec.stderr)], deadline)
         except _Timeout:
             _stop(processes, signal.SIGKILL)
@@ -200,6 +205,14 @@ def _stop(processes: Sequence[multiprocessing.process.BaseProcess], sig: int) ->
             os.killpg(pid, sig)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+def _kill_groups(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
+    """SIGKILL each rank's process group (its session: the rank called setsid), ended ranks included."""
+    for process in processes:
+        if process.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def _wait_until_released(paths: list[str], deadline: float) -> None:
