@@ -53,10 +53,14 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(
     slurm_cluster.wait_for(job, "3 training steps", lambda _: len(train_steps(run)) >= 3, 240)
     # What Slurm does before a time limit (--signal=USR1@N): SIGUSR1 to every process of the job's steps.
     slurm_cluster.run("scancel", "--signal=USR1", job)
-    requeued = slurm_cluster.wait_for(
-        job, "its requeue", lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 120
+    # Right after the requeue the job is pending with no reason for a moment, until the controller sets the
+    # begin time that holds a requeued job back.
+    slurm_cluster.wait_for(
+        job,
+        "its requeue",
+        lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING" and j["Reason"] == "BeginTime",
+        120,
     )
-    assert requeued["Reason"] == "BeginTime"
     # Slurm holds a requeued job for a while (2 minutes here) before it may start again; the test releases it
     # sooner, once the node has cleaned the first run up and its revocation of that run's credential, which
     # has a one-second resolution, is in the past (else slurmd refuses the new start and the job fails).
