@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from common.app import run_app
-from data_prep.manifest import load_manifest
 from pretrain.core.callbacks import Callback, default_callbacks
 from pretrain.core.config import RunConfig, register_configs, validate_run
+from pretrain.core.mixture import DataSources
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -91,15 +91,15 @@ class StateProbe(Callback):
 
 
 def train(config: RunConfig) -> int:
-    manifest = load_manifest(config.data_dir)
-    validate_run(config, manifest, int(os.environ.get("WORLD_SIZE", "1")))
+    sources = DataSources.from_config(config)
+    validate_run(config, sources, int(os.environ.get("WORLD_SIZE", "1")))
     from pretrain.core.distributed import init_distributed, shutdown
     from pretrain.core.trainer import Trainer
 
     world = init_distributed()
     try:
-        trainer = Trainer(config, manifest, world, callbacks=[])
-        flops = trainer.model_config.flops_per_token(manifest.vocab_size, manifest.seq_len)
+        trainer = Trainer(config, sources, world, callbacks=[])
+        flops = trainer.model_config.flops_per_token(sources.manifest.vocab_size, sources.manifest.seq_len)
         trainer.callbacks = [*default_callbacks(config, trainer.run_dir, flops), StateProbe()]
         return trainer.run()
     finally:
