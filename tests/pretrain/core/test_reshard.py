@@ -145,6 +145,49 @@ def test_pipeline_depth_changes_from_1_to_2_to_1(first_steps, reference: Path, t
     assert_matches_reference(run, reference)
 
 
+def test_zero2_resumes_on_more_ranks_then_fewer(first_steps, reference: Path, tiny_dataset: Path, tmp_path: Path):
+    """4 steps on 2 ranks, 4 on 4 (one micro batch per rank and step, uneven fragments over 4), 4 on 1."""
+    run = first_steps(2, tmp_path / "run")
+    output = piece(tiny_dataset, run, 4, 4, "zero_stage=2")
+    assert converted(output, "step-00000004") and "this run: ZeRO-2, 4 data-parallel ranks," in output
+    assert_state_carried(run, 4)
+    assert sorted(p.name for p in (run / "checkpoints" / "step-00000008").glob("*optim_states.pt")) == [
+        f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(4)
+    ]
+    assert converted(piece(tiny_dataset, run, 1, 4, "zero_stage=2"), "step-00000008")
+    assert_state_carried(run, 8)
+    assert_matches_reference(run, reference)
+
+
+# A model of 4 blocks, the fewest 4 pipeline stages can hold, split one block per stage.
+FOUR_BLOCKS = ("model.n_layer=4", "parallel.partition_method=type:BlockPipe")
+
+
+@pytest.fixture(scope="module")
+def four_block_reference(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("four_block_reference")
+    run_distributed(1, "pretrain", *args(tiny_dataset, run, *FOUR_BLOCKS))
+    return run
+
+
+def test_pipeline_depth_changes_from_2_to_4_to_1(four_block_reference: Path, tiny_dataset: Path, tmp_path: Path):
+    """P=2 at ZeRO-0 on 2 ranks -> P=4 at ZeRO-1 on 4 ranks (the first stage holds the embedding and block 0,
+    the last block 3, the final norm and the tied head) -> 1 rank at ZeRO-2."""
+    run = tmp_path / "run"
+    piece(tiny_dataset, run, 2, 4, *FOUR_BLOCKS, "zero_stage=0", "parallel.pipeline_stages=2")
+    output = piece(tiny_dataset, run, 4, 4, *FOUR_BLOCKS, "zero_stage=1", "parallel.pipeline_stages=4")
+    assert (
+        converted(output, "step-00000004") and "this run: ZeRO-1, 4 pipeline stages x 1 data-parallel rank," in output
+    )
+    assert_state_carried(run, 4)
+    assert sorted(p.name for p in (run / "checkpoints" / "step-00000008").glob("*optim_states.pt")) == [
+        f"zero_pp_rank_0_mp_rank_{stage:02d}_optim_states.pt" for stage in range(4)
+    ]
+    assert converted(piece(tiny_dataset, run, 1, 4, *FOUR_BLOCKS, "zero_stage=2"), "step-00000008")
+    assert_state_carried(run, 8)
+    assert_matches_reference(run, four_block_reference)
+
+
 def test_bf16_resumes_across_its_three_optimizers(reference: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     """bf16 runs keep fp32 masters in three different DeepSpeed optimizers: BF16_Optimizer (pipelines at ZeRO-0),
     FP16_UnfusedOptimizer (ZeRO-0) and ZeRO's. The masters and moments carry exactly; the losses are bf16's."""
