@@ -48,6 +48,7 @@ format: setup
 bench: setup
 	$(PY) benchmarks/bench_prep.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_data.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache
