@@ -1,13 +1,21 @@
-"""torchrun (`torch.distributed.run`), except that stopping on a signal it passed on to the ranks exits 0.
+"""torchrun (`torch.distributed.run`), except that stopping on a signal it passed on to the ranks exits 0, and
+that restarts work.
 
 torchrun re-raises the signal it forwarded as an exception once its ranks are gone: exit code 1 and a
 traceback, which `srun --kill-on-bad-exit` takes for a failed node and answers by killing the other nodes,
 possibly while their ranks are still writing the checkpoint they were asked for. How the ranks ended is told
 by RUN/status.json, which the main rank writes last and the launchers read.
+
+Restarts: by default the c10d rendezvous keeps the ranks' TCPStore in the agent of group rank 0 and reuses it
+for every round (pytorch/pytorch#135712). Restart counts differ between nodes, so a restarted round reads the
+previous round's keys: every restart after a lost rank fails ("Gloo connectFullMesh failed ... Connection
+refused") until the budget is spent, and a node rejoining a surviving group-rank-0 agent waits forever
+(measured). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 has each round's rank 0 start a fresh store instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from torch.distributed.elastic.multiprocessing import SignalException
@@ -15,6 +23,7 @@ from torch.distributed.run import main as torchrun_main
 
 
 def main() -> None:
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun_main()
     except SignalException as stop:

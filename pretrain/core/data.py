@@ -13,6 +13,10 @@ sample's byte offset is indexed once from the tar headers, so any sample is one 
 
 So the cursor `c = consumed_samples` is the whole data state: it does not depend on world size or worker
 count, and resuming at `c` with any layout continues with exactly the samples an uninterrupted run would see.
+
+Damaged data is found before any of its samples is used: when a split is first indexed, every shard's bytes are
+checked against the manifest's sha256 (the trainer shares the shards out among its ranks), and the index is
+cached only then; later runs check each shard's presence and size.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import hashlib
 import io
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.errors import UserError
-from data_prep.manifest import Manifest
+from data_prep.manifest import Manifest, sha256_file
 
 BLOCK = 512
 # A collated micro-batch: input_ids (B, T), targets (B, T), segment_ids (B, T), indices (B,) sample numbers.
@@ -76,18 +80,53 @@ def _scan_tar(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
     return members
 
 
-def build_index(root: Path, manifest: Manifest, split: str, cache_dir: Path | None) -> ShardIndex:
-    """Index a split's shards (cached in `cache_dir`, keyed by the shards' sha256)."""
-    paths = [str(p) for p in manifest.shard_paths(root, split)]
+def check_shards(
+    root: Path, manifest: Manifest, split: str, check_hash: bool = True, rank: int = 0, world_size: int = 1
+) -> None:
+    """Raise a UserError naming the first shard that is missing or whose bytes differ from the manifest (its
+    size; with check_hash its sha256), among the split's shards number rank, rank + world_size, ..."""
+    inspect = f"check the dataset with `python -m data_prep.inspect_dataset {root}`"
+    for info in manifest.splits[split].shards[rank::world_size]:
+        path = root / info.name
+        if not path.is_file():
+            raise UserError(
+                f"shard {path} listed in the manifest is missing; {inspect}, then restore it or prepare the "
+                "dataset again"
+            )
+        size = path.stat().st_size
+        if size != info.bytes:
+            raise UserError(
+                f"shard {path} has {size} bytes, the manifest says {info.bytes} (truncated or replaced); {inspect}, "
+                "then restore it or prepare the dataset again"
+            )
+        if check_hash and sha256_file(path) != info.sha256:
+            raise UserError(
+                f"shard {path} does not match its sha256 in the manifest (corrupt: its bytes changed since data_prep "
+                f"wrote it); {inspect}, then restore it or prepare the dataset again"
+            )
+
+
+def index_file(manifest: Manifest, split: str, cache_dir: Path) -> Path:
+    """Where a split's index is cached: keyed by the shards' sha256, so another dataset never reuses it."""
     key = hashlib.sha256("".join(s.sha256 for s in manifest.splits[split].shards).encode()).hexdigest()[:20]
-    cached = cache_dir / f"index-{split}-{key}.npz" if cache_dir else None
+    return cache_dir / f"index-{split}-{key}.npz"
+
+
+def build_index(
+    root: Path, manifest: Manifest, split: str, cache_dir: Path | None, verified: bool = False
+) -> ShardIndex:
+    """Index a split's shards, cached in `cache_dir`. Indexing first checks every shard's sha256 (unless the
+    caller did: `verified`); a cached index exists only for shards that passed, and loading it checks each
+    shard's presence and size."""
+    paths = [str(p) for p in manifest.shard_paths(root, split)]
+    cached = index_file(manifest, split, cache_dir) if cache_dir else None
     if cached is not None and cached.is_file():
+        check_shards(root, manifest, split, check_hash=False)
         arrays = np.load(cached)
         return ShardIndex(paths, *(arrays[name] for name in ShardIndex.__dataclass_fields__ if name != "paths"))
+    check_shards(root, manifest, split, check_hash=not verified)
     rows: list[tuple[int, int, int, int, int]] = []
     for number, (path, info) in enumerate(zip(paths, manifest.splits[split].shards, strict=True)):
-        if not os.path.isfile(path):
-            raise UserError(f"shard {path} listed in the manifest is missing; prepare the dataset again")
         members = _scan_tar(Path(path))
         for sample_key in sorted(members):
             arrays = members[sample_key]
@@ -99,7 +138,7 @@ def build_index(root: Path, manifest: Manifest, split: str, cache_dir: Path | No
         if found != info.samples:
             raise UserError(
                 f"shard {path} holds {found} samples but the manifest says {info.samples} (corrupt or replaced); "
-                "check it with `python -m data_prep.inspect_dataset`"
+                f"check the dataset with `python -m data_prep.inspect_dataset {root}`"
             )
     table = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
     index = ShardIndex(
@@ -116,6 +155,38 @@ def build_index(root: Path, manifest: Manifest, split: str, cache_dir: Path | No
         np.savez(temp, **{n: getattr(index, n) for n in ShardIndex.__dataclass_fields__ if n != "paths"})
         os.replace(temp, cached)
     return index
+
+
+def open_splits(
+    root: Path, manifest: Manifest, cache_dir: Path, rank: int, world_size: int, agree: Callable[[str | None], None]
+) -> tuple[TokenSamples, TokenSamples | None]:
+    """Collective: the train split and the val split (None when empty), as every rank of a run opens them.
+
+    The first time, the ranks share out the sha256 checks of the shards, then rank 0 indexes them (the others
+    read its cached index). `agree(problem)` is called by every rank alike with its problem or None, and raises
+    on every rank when any has one (distributed.raise_on_every_rank), so that no rank waits for the others."""
+    has_val = bool(manifest.splits.get("val") and manifest.splits["val"].samples)
+    splits = ["train", "val"] if has_val else ["train"]
+    problem = None
+    try:
+        if any(not index_file(manifest, split, cache_dir).is_file() for split in splits):
+            for split in splits:
+                check_shards(root, manifest, split, True, rank, world_size)
+    except UserError as error:
+        problem = str(error)
+    agree(problem)
+    try:
+        if rank == 0:
+            for split in splits:
+                build_index(root, manifest, split, cache_dir, verified=True)
+    except UserError as error:
+        problem = str(error)
+    except OSError as error:
+        problem = f"the shard index cannot be written to {cache_dir} ({error}); free space there"
+    agree(problem)
+    train = TokenSamples(build_index(root, manifest, "train", cache_dir), manifest.seq_len)
+    val = TokenSamples(build_index(root, manifest, "val", cache_dir), manifest.seq_len) if has_val else None
+    return train, val
 
 
 class TokenSamples(Dataset):

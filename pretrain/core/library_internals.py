@@ -10,6 +10,10 @@ functions: importing this module costs nothing (configs import it without torch)
 | skip_shared_memory_comm_op   | DeepSpeed   | deepspeed.comm.torch.build_shm_op                            |
 | pipeline_grid                | DeepSpeed   | PipelineModule._grid                                         |
 | local_layer_range            | DeepSpeed   | PipelineModule._local_start, _local_stop                     |
+| guard_checkpoint_writes      | DeepSpeed   | DeepSpeedEngine.checkpoint_engine (replaced),                |
+|                              |             | DeepSpeedEngine._copy_recovery_script                        |
+| deepspeed_checkpoint_globals | DeepSpeed   | the classes DeepSpeed pickles into its checkpoint files      |
+| weights_only_loads           | PyTorch     | TORCH_FORCE_WEIGHTS_ONLY_LOAD overriding weights_only=False  |
 | shutdown_loader_workers      | PyTorch     | _MultiProcessingDataLoaderIter._shutdown_workers             |
 | checkpoint_wrapper_tools     | PyTorch     | torch.distributed.algorithms._checkpoint.checkpoint_wrapper  |
 | codecarbon_has_started       | CodeCarbon  | BaseEmissionsTracker._start_time                             |
@@ -20,9 +24,11 @@ functions: importing this module costs nothing (configs import it without torch)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +60,67 @@ def local_layer_range(module: Any) -> range:
     return range(module._local_start, module._local_stop)
 
 
+class _GuardedCheckpointEngine:
+    """DeepSpeed's checkpoint engine with its writes (save, makedirs) passed through `guard(write, path)`."""
+
+    def __init__(self, inner: Any, guard: Callable[[Callable[[], object], str], None]) -> None:
+        self.inner = inner
+        self.guard = guard
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.guard(lambda: self.inner.save(state_dict, path), path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.guard(lambda: self.inner.makedirs(path, exist_ok=exist_ok), path)
+
+
+def guard_checkpoint_writes(engine: Any, guard: Callable[[Callable[[], object], str], None]) -> None:
+    """Route every file an engine's save_checkpoint writes through `guard(write, path)`, which runs `write`
+    (and may record its failure instead of raising it). The files go through the engine's checkpoint engine
+    (model states, ZeRO optimizer shards, pipeline layer files), except the recovery scripts DeepSpeed copies
+    into ZeRO checkpoints on rank 0 (`_copy_recovery_script`). Idempotent."""
+    if isinstance(engine.checkpoint_engine, _GuardedCheckpointEngine):
+        return
+    engine.checkpoint_engine = _GuardedCheckpointEngine(engine.checkpoint_engine, guard)
+    copy_scripts = engine._copy_recovery_script
+    engine._copy_recovery_script = lambda save_path: guard(lambda: copy_scripts(save_path), save_path)
+
+
+def deepspeed_checkpoint_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its checkpoint files besides tensors and plain containers (found by
+    loading ZeRO 0-3, bf16 and pipeline checkpoints with weights_only=True): the loss scaler, the ZeRO stage
+    enum and the fragment addresses of ZeRO's flat partitions."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 # -------------------------------------------------------------------------------------------------- PyTorch
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every torch.load, DeepSpeed's included (which pass weights_only=False), unpickles with
+    weights_only=True: tensors, plain containers and the allowlisted DeepSpeed classes only, never code.
+    torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD, read at each call, overrides the argument."""
+    import torch
+
+    name = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def shutdown_loader_workers(iterator: Any) -> None:

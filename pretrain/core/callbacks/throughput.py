@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pretrain.core.callbacks.base import MEASURE, Callback, TrainerView
+from pretrain.core.callbacks.base import MEASURE, Callback, Rollback, TrainerView
 
 
 class Throughput(Callback):
@@ -28,3 +28,6 @@ class Throughput(Callback):
         metrics["tokens_per_second"] = tokens / seconds
         metrics["flops_per_second"] = tokens * self.flops_per_token / seconds
         self._seconds, self._tokens = trainer.step_seconds, trainer.state.consumed_tokens
+
+    def on_rollback(self, trainer: TrainerView, rollback: Rollback) -> None:
+        self.on_train_start(trainer)  # the token count went back to the checkpoint's

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigProblems
-from pretrain.core.callbacks.base import RECORD, Callback, TrainerView, fail_soft
+from pretrain.core.callbacks.base import RECORD, Callback, Rollback, TrainerView, fail_soft
 
 MODES = ("online", "offline", "disabled")
 _VALID_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what W&B accepts in a run's URL
@@ -77,6 +77,13 @@ class WandbRun(Callback):
     def on_eval(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if self.run is not None:
             self._guard(self.run.log, dict(metrics))
+
+    def on_rollback(self, trainer: TrainerView, rollback: Rollback) -> None:
+        if self.run is not None:
+            # At the rolled-back step: the chart shows the spike, then the steps redone after the checkpoint.
+            entry = {"step": rollback.step, "rollbacks": rollback.count, "rollback/to_step": rollback.to_step}
+            entry["rollback/skipped_samples"] = rollback.skipped_samples
+            self._guard(self.run.log, entry)
 
     def on_train_end(self, trainer: TrainerView) -> None:
         if self.run is not None:
