@@ -11,18 +11,32 @@ for every round (pytorch/pytorch#135712). Restart counts differ between nodes, s
 previous round's keys: every restart after a lost rank fails ("Gloo connectFullMesh failed ... Connection
 refused") until the budget is spent, and a node rejoining a surviving group-rank-0 agent waits forever
 (measured). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 has each round's rank 0 start a fresh store instead.
+
+The agent dies with the process that started it (`python -m launch`, or Slurm's step): it runs in a session of
+its own, so a kill -9 of the launcher would leave it (and its ranks) in the run, and the same command typed
+again to bring the node back would add a second agent for the same node to the rendezvous.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.run import main as torchrun_main
 
 
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG; the ranks do the same
+        if os.getppid() == 1:  # the parent died before the call
+            os._exit(1)
+
+
 def main() -> None:
+    _die_with_parent()
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun_main()

@@ -76,6 +76,11 @@ class Node:
                     ranks.append(process)
         return ranks
 
+    def agent(self) -> psutil.Process:
+        """This node's torchrun agent (the launcher of its ranks)."""
+        (agent,) = [p for p in self.family() if "launch.torchrun" in " ".join(p.cmdline())]
+        return agent
+
     def kill(self) -> None:
         """kill -9 of the whole machine: launcher, torchrun, ranks, workers."""
         for process in self.family():

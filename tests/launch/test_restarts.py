@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -193,9 +194,73 @@ def test_killed_ranks_a_kill_during_a_save_and_a_stop_signal_each_lose_at_most_t
     assert len(rollbacks) == 1 and rollbacks[0]["skipped_samples"] == 16, rollbacks
 
 
+SOAK_FAULTS = ("kill -9 of a rank", "kill -9 of a node's torchrun", "kill -9 of a node", "SIGTERM to a node")
+
+
+def schedule(rng: random.Random, steps: int, count: int, gap: int) -> list[int]:
+    """`count` steps in (gap, steps - gap), at least `gap` apart."""
+    while True:
+        picked = sorted(rng.sample(range(gap, steps - gap), count))
+        if all(b - a >= gap for a, b in zip(picked, picked[1:], strict=False)):
+            return picked
+
+
 @pytest.mark.slow
 def test_soak_a_random_schedule_of_faults_over_300_steps(tiny_dataset: Path, tmp_path: Path) -> None:
-    steps, seed = 300, random.randrange(1 << 30)
+    """Kills of ranks, torchrun agents and whole nodes (node 0, the rendezvous host, included), stop signals,
+    a kill during a checkpoint save and loss spikes, drawn at random over 300 steps; the run recovers from each
+    by itself (but a stop, which the same commands resume) and ends as the uninterrupted run with the spikes
+    does. SOAK_SEED=N replays a schedule."""
+    steps = 300
+    seed = int(os.environ.get("SOAK_SEED") or random.randrange(1 << 30))
     print(f"\nsoak seed {seed}", flush=True)
     rng = random.Random(seed)
-    raise NotImplementedError(steps, rng)
+    *at, save_kill, spike_a, spike_b = schedule(rng, steps, 9, gap=24)
+    rng.shuffle(at)
+    kinds = [SOAK_FAULTS[i % len(SOAK_FAULTS)] for i in range(len(at))]  # each kind, in a random order
+    rng.shuffle(kinds)
+    faults = sorted(zip(at, kinds, [rng.randrange(2) for _ in at], strict=True))
+    save_kill -= save_kill % INTERVAL
+    env = {"PRETRAIN_FAULT": f"spike_loss:{spike_a},{spike_b};kill_during_save:{save_kill}"}
+    print(f"faults {faults}, kill during the save of step {save_kill}, spikes at {spike_a} and {spike_b}", flush=True)
+
+    reference = tmp_path / "reference"
+    TwoNodes(reference, run_args(reference, tiny_dataset, steps), env).finish()
+    run = tmp_path / "run"
+    args = run_args(run, tiny_dataset, steps)
+    nodes = TwoNodes(run, args, env)
+    recovered: list[tuple[str, int, float]] = []
+    try:
+        for at_step, kind, victim in faults:
+            nodes.wait_for_step(at_step)
+            fault_at, step = time.monotonic(), max(losses(run))
+            if kind == "kill -9 of a rank":
+                (rank,) = nodes[victim].ranks()
+                rank.kill()
+            elif kind == "kill -9 of a node's torchrun":  # its ranks die with it; node 1's launcher rejoins
+                nodes[victim].agent().kill()
+                if victim == 0:
+                    nodes[0].wait(300)  # node 0's launcher ends with its torchrun: the machine's user restarts it
+                    nodes[0].start()
+            elif kind == "kill -9 of a node":
+                nodes[victim].kill()
+                time.sleep(rng.uniform(0, 10))
+                nodes[victim].start()
+            else:
+                nodes[victim].process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                nodes.finish()
+                stopped = json.loads((run / "status.json").read_text())
+                assert stopped["state"] == "stopped" and latest_step(run) == stopped["step"], stopped
+                nodes = TwoNodes(run, args, env)
+            checkpoint = latest_step(run)
+            nodes.wait_for_line(rf"^resumed from .*step-{checkpoint:08d} at step {checkpoint}", fault_at)
+            back = nodes.wait_for_step(step + 1)
+            recovered.append((kind, step - checkpoint, back - fault_at))
+            report(f"{kind} (node {victim})", fault_at, None, checkpoint, step, back)
+        nodes.finish()
+    finally:
+        nodes.kill()
+    print(f"\nsoak seed {seed}: {len(recovered)} faults survived, a kill during a save and 2 spikes", flush=True)
+    assert_same_run(run, reference, steps)
+    assert train_entries(run)[-1]["rollbacks"] == train_entries(reference)[-1]["rollbacks"] == 2  # both spikes
+    assert (run / "faults").is_dir() and any((run / "faults").iterdir())  # the kill during the save fired
