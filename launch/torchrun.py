@@ -27,6 +27,8 @@ import sys
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.run import main as torchrun_main
 
+from pretrain.core.library_internals import bound_torchrun_exit_barrier
+
 
 def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
@@ -35,8 +37,15 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
+# How long an agent whose ranks ended waits for the other nodes' agents (torchrun's exit barrier): the ranks
+# of every node end together (they agree on a stop and finish with a collective), and an agent stopped by a
+# signal never arrives.
+EXIT_BARRIER_S = 30
+
+
 def main() -> None:
     _die_with_parent()
+    bound_torchrun_exit_barrier(EXIT_BARRIER_S)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun_main()

@@ -15,6 +15,7 @@ functions: importing this module costs nothing (configs import it without torch)
 | deepspeed_checkpoint_globals | DeepSpeed   | the classes DeepSpeed pickles into its checkpoint files      |
 | weights_only_loads           | PyTorch     | TORCH_FORCE_WEIGHTS_ONLY_LOAD overriding weights_only=False  |
 | shutdown_loader_workers      | PyTorch     | _MultiProcessingDataLoaderIter._shutdown_workers             |
+| bound_torchrun_exit_barrier  | PyTorch     | SimpleElasticAgent._exit_barrier, _exit_barrier_timeout      |
 | checkpoint_wrapper_tools     | PyTorch     | torch.distributed.algorithms._checkpoint.checkpoint_wrapper  |
 | codecarbon_has_started       | CodeCarbon  | BaseEmissionsTracker._start_time                             |
 | codecarbon_measure_now       | CodeCarbon  | _measure_power_and_energy, _prepare_emissions_data,          |
@@ -130,6 +131,26 @@ def shutdown_loader_workers(iterator: Any) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+
+
+def bound_torchrun_exit_barrier(seconds: float) -> None:
+    """Make torchrun's agent wait at most `seconds` in its exit barrier (300 s, not a torchrun option).
+
+    An agent whose ranks ended well waits there for every other node's agent; an agent that was stopped by a
+    signal (a stop of one node, which the ranks of every node agree on) leaves without reaching it, so the
+    other nodes' agents sat out the whole 300 s after their ranks had stopped (measured)."""
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+
+    original = SimpleElasticAgent._exit_barrier
+    if getattr(original, "bounded", False):
+        return
+
+    def exit_barrier(self: Any) -> None:
+        self._exit_barrier_timeout = min(self._exit_barrier_timeout, seconds)
+        original(self)
+
+    exit_barrier.bounded = True  # type: ignore[attr-defined]
+    SimpleElasticAgent._exit_barrier = exit_barrier  # type: ignore[method-assign]
 
 
 def checkpoint_wrapper_tools() -> tuple[Callable[..., Any], Callable[..., Any], Any]:

@@ -16,6 +16,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -194,7 +195,13 @@ def test_killed_ranks_a_kill_during_a_save_and_a_stop_signal_each_lose_at_most_t
     assert len(rollbacks) == 1 and rollbacks[0]["skipped_samples"] == 16, rollbacks
 
 
-SOAK_FAULTS = ("kill -9 of a rank", "kill -9 of a node's torchrun", "kill -9 of a node", "SIGTERM to a node")
+SOAK_FAULTS = (
+    "kill -9 of a rank",
+    "kill -9 of a node's torchrun",
+    "kill -9 of a node's launcher",
+    "kill -9 of a node",
+    "SIGTERM to a node",
+)
 
 
 def schedule(rng: random.Random, steps: int, count: int, gap: int) -> list[int]:
@@ -206,6 +213,7 @@ def schedule(rng: random.Random, steps: int, count: int, gap: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3 * 3600)
 def test_soak_a_random_schedule_of_faults_over_300_steps(tiny_dataset: Path, tmp_path: Path) -> None:
     """Kills of ranks, torchrun agents and whole nodes (node 0, the rendezvous host, included), stop signals,
     a kill during a checkpoint save and loss spikes, drawn at random over 300 steps; the run recovers from each
@@ -242,6 +250,13 @@ def test_soak_a_random_schedule_of_faults_over_300_steps(tiny_dataset: Path, tmp
                 if victim == 0:
                     nodes[0].wait(300)  # node 0's launcher ends with its torchrun: the machine's user restarts it
                     nodes[0].start()
+            elif kind == "kill -9 of a node's launcher":  # python -m launch: its torchrun and ranks die with it
+                launcher, *started = nodes[victim].family()
+                launcher.kill()
+                nodes[victim].process.wait()  # type: ignore[union-attr]
+                _, alive = psutil.wait_procs(started, timeout=60)
+                assert not alive, f"outlived their launcher: {alive}"
+                nodes[victim].start()
             elif kind == "kill -9 of a node":
                 nodes[victim].kill()
                 time.sleep(rng.uniform(0, 10))
@@ -254,6 +269,7 @@ def test_soak_a_random_schedule_of_faults_over_300_steps(tiny_dataset: Path, tmp
                 nodes = TwoNodes(run, args, env)
             checkpoint = latest_step(run)
             nodes.wait_for_line(rf"^resumed from .*step-{checkpoint:08d} at step {checkpoint}", fault_at)
+            step = max(step, checkpoint)  # a stop signal checkpoints the step it arrived in (or the next)
             back = nodes.wait_for_step(step + 1)
             recovered.append((kind, step - checkpoint, back - fault_at))
             report(f"{kind} (node {victim})", fault_at, None, checkpoint, step, back)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -187,3 +188,17 @@ def test_checkpoint_writes_go_through_the_guard_and_load_with_weights_only(tmp_p
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_bound_torchrun_exit_barrier_caps_the_agents_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.distributed.elastic.agent.server import api
+
+    monkeypatch.setattr(api.SimpleElasticAgent, "_exit_barrier", api.SimpleElasticAgent._exit_barrier)  # undone after
+    waits: list[float] = []
+    monkeypatch.setattr(api.store_util, "barrier", lambda **kwargs: waits.append(kwargs["barrier_timeout"]))
+    internals.bound_torchrun_exit_barrier(7)
+    internals.bound_torchrun_exit_barrier(9)  # not wrapped twice
+    group = SimpleNamespace(state="SUCCEEDED", group_world_size=2)
+    agent = SimpleNamespace(_exit_barrier_timeout=300, _store=None, _worker_group=group, _in_exit_barrier=False)
+    api.SimpleElasticAgent._exit_barrier(agent)  # type: ignore[arg-type]
+    assert waits == [7]
