@@ -111,8 +111,11 @@ def run_local(config: LaunchConfig, args: list[str]) -> int:
                 flush=True,
             )
             code = _run_and_forward(command, env, launcher.program, run_dir)
-        if code == 0 and (status := _final_status(run_dir, started)) is not None:
-            return int(status.get("exit_code", 0))  # ranks under restarts exit 0 whatever the verdict
+        if (status := _final_status(run_dir, started)) is not None:
+            # The run ended by a decision, which sets the exit code: under restarts the ranks exit 0 whatever the
+            # verdict, and this node's torchrun may fail after it (node 0's agent, which hosts the rendezvous,
+            # left first: measured after a stop signal to node 0).
+            return int(status["exit_code"])
         return code
 
 

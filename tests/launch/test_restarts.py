@@ -36,7 +36,8 @@ def run_args(run: Path, data: Path, steps: int = STEPS, *extra: str) -> list[str
         "launcher.nproc_per_node=1",
         "launcher.max_restarts=8",
         "launcher.join_timeout_s=300",
-        "launcher.stop_timeout_s=5",  # how long torchrun waits for a hung rank to stop before it kills it
+        # How long the ranks get to checkpoint after a stop signal (torchrun kills a hung rank after 30 s anyway).
+        "launcher.stop_timeout_s=120",
         f"data_dir={data}",
         f"run_dir={run}",
         *SMALL,
