@@ -1,20 +1,23 @@
-"""data_prep on the demo corpus, measured side by side in one run on one machine.
+"""data_prep measured side by side with SentencePiece encoding the same text line by line, in one run.
 
-    python benchmarks/bench_prep.py [--workers N] [--repeats 5] [--copies 10]
+    python benchmarks/bench_prep.py [--workers N] [--mb 200] [--repeats 3] [--scale-gb 2] [--tmp /tmp]
 
-(a) tokenizer training time (sampling pass + SentencePiece), next to the encoding pass of the same run;
-(b) with that tokenizer given (tokenizer.model_path), the end-to-end throughput of `python -m data_prep` (the
-    whole process: start-up, reading, cleaning, tokenizing, packing, hashing, fsync, manifest) next to raw
-    `SentencePieceProcessor.encode` of the same cleaned text on a Pool of as many processes (longest text
-    first, pool started and model loaded before the clock starts: the best case for raw encoding), and their
-    ratio (target >= 0.85). The raw text is cut three ways, since SentencePiece slows down on very long
-    inputs: whole documents, the split runs data_prep hands to encode(), and passages. Both wall time and CPU
-    time are shown: on a machine shared with other work, wall time measures the neighbours as much as the
-    code, while CPU seconds (all processes: data_prep's main process and workers; the raw encode calls) do
-    not. data_prep and the raw runs alternate `--repeats` times and the fastest of each counts;
-(c) peak memory (VmHWM, sampled from /proc) of the main process and of the largest worker, and the largest sum
-    over the process tree, for the demo corpus (~12 MB) and for it replicated `--copies` times (~120 MB, a
-    distinct first line per copy so that deduplication keeps every copy).
+(a) tokenizer training on the demo corpus: the scan (which samples the lines) and SentencePiece's training,
+    next to the encoding of the same run;
+(b) throughput, tokenizer given (tokenizer.model_path), on two corpora generated under --tmp from the demo
+    books, about --mb MB each: hard-wrapped novels as they are (copies, each with its own first line so that
+    none is a duplicate), and the same text with every paragraph unwrapped and paragraphs joined into lines of
+    100 kB and more. `python -m data_prep` end to end (the whole process tree: start-up, scan, plan, reading,
+    cleaning, tokenizing, packing, hashing, fsync, merge) against SentencePiece itself encoding the cleaned
+    text line by line on a Pool of as many processes (one batch call per document, its ids as Python lists
+    or NumPy arrays, whichever is faster; pool started and model loaded before the clock: SentencePiece's
+    best case). Both as wall time and as CPU time (all of data_prep's processes; the encode calls alone for
+    SentencePiece): on a machine shared with other work, wall time measures the neighbours as much as the
+    code. Alternating runs, the fastest of each counts. Target: ratio >= 0.9;
+(c) scale, --scale-gb GB of the demo books with their lines shuffled (many copies): peak resident memory
+    (VmHWM, sampled from /proc) of the main process and of the largest worker next to the same for the
+    --mb corpus of (b), throughput against SentencePiece as in (b), the seconds of each stage, and the
+    extrapolation to 1 TB: how many array tasks, and how long.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import multiprocessing
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -32,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -42,9 +46,10 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_prep.charsets import decode_file  # noqa: E402
 from data_prep.config import CorpusConfig  # noqa: E402
 from data_prep.corpus import fetch_corpus  # noqa: E402
-from data_prep.documents import CleanStats, clean_text, decode_utf8, passages, split_runs  # noqa: E402
+from data_prep.documents import CleanStats, clean_text  # noqa: E402
 
 DEMO_YAML = REPO / "conf" / "corpus" / "demo_books.yaml"
 MB = 1e6
@@ -63,31 +68,46 @@ def demo_settings() -> tuple[Path, list[str]]:
     return corpus, settings
 
 
-def replicate(corpus: Path, target: Path, copies: int) -> int:
-    """`copies` copies of every book, each with its own first line (so no copy is a duplicate)."""
+def _books(corpus: Path) -> list[tuple[str, str]]:
+    return [(p.name, decode_file(p.read_bytes()).text) for p in sorted(corpus.glob("*.txt"))]
+
+
+def _write_copies(target: Path, megabytes: float, variant) -> int:  # type: ignore[no-untyped-def]
+    """Copies of the demo books made by `variant(text, copy)` until `megabytes`; returns the bytes written."""
     target.mkdir(parents=True)
-    total = 0
-    for copy in range(copies):
-        for book in sorted(corpus.glob("*.txt")):
-            data = f"[copy {copy} of {book.name}]\n".encode() + book.read_bytes()
-            (target / f"{copy:02d}-{book.name}").write_bytes(data)
+    total, copy = 0, 0
+    while total < megabytes * MB:
+        for name, text in BOOKS:
+            data = variant(text, copy).encode("utf-8")
+            (target / f"{copy:05d}-{name}").write_bytes(data)
             total += len(data)
+        copy += 1
     return total
 
 
-@dataclass
-class Timing:
-    tokens: int
-    seconds: float  # wall clock
-    cpu_seconds: float  # user + system, over every process that did the work
+def hard_wrapped(text: str, copy: int) -> str:
+    return f"[copy {copy}]\n{text}"
 
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.seconds
 
-    @property
-    def cpu_rate(self) -> float:
-        return self.tokens / self.cpu_seconds
+def long_lines(text: str, copy: int) -> str:
+    """Paragraphs unwrapped (their line breaks become spaces), then joined into lines of 100 kB and more."""
+    paragraphs = [" ".join(p.split()) for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    lines, current, size = [], [], 0
+    for paragraph in paragraphs:
+        current.append(paragraph)
+        size += len(paragraph) + 2
+        if size >= 100_000:
+            lines.append("  ".join(current))
+            current, size = [], 0
+    if current:
+        lines.append("  ".join(current))
+    return f"[copy {copy}] " + "\n".join(lines) + "\n"
+
+
+def shuffled_lines(text: str, copy: int) -> str:
+    lines = text.split("\n")
+    random.Random(copy).shuffle(lines)
+    return f"[copy {copy}]\n" + "\n".join(lines)
 
 
 @dataclass
@@ -100,6 +120,7 @@ class Measured:
     peak_main: int = 0
     peak_worker: int = 0
     peak_tree: int = 0  # the largest sum of current RSS over the process tree at one sampling instant
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 def _high_water_mark(pid: int) -> int:
@@ -158,19 +179,11 @@ def run_data_prep(*args: str) -> Measured:
     measured.stdout = "".join(output)
     if process.returncode != 0:
         raise SystemExit(f"data_prep {' '.join(args)} failed:\n{measured.stdout[-3000:]}")
+    measured.stages = {k: float(v) for k, v in re.findall(r"(scan|plan|encode|merge) ([\d.]+) s", measured.stdout)}
     return measured
 
 
-def cleaned_documents(corpus: Path) -> list[str]:
-    """The documents data_prep encodes: decoded, cleaned, exact duplicates removed, in input order."""
-    stats, seen, documents = CleanStats(), set(), []
-    for path in sorted(corpus.glob("*.txt")):
-        text = clean_text(decode_utf8(path.read_bytes())[0], stats)
-        if text is not None and text not in seen:
-            seen.add(text)
-            documents.append(text)
-    return documents
-
+# ---- SentencePiece alone, line by line ------------------------------------------------------------------
 
 _processor: spm.SentencePieceProcessor | None = None
 
@@ -180,153 +193,190 @@ def _load_model(model: str) -> None:
     _processor = spm.SentencePieceProcessor(model_file=model)
 
 
-def _encode(text: str) -> tuple[int, float]:
+def _encode_lines(job: tuple[str, bool]) -> tuple[int, float]:
+    """(tokens, CPU seconds of the encode call) of one document, encoded line by line in one batch call; the
+    newline between lines counts as the one token it is in the document."""
     assert _processor is not None
+    path, arrays = job
+    text = clean_text(decode_file(Path(path).read_bytes()).text, CleanStats()) or ""
+    lines = text.split("\n")
     started = time.process_time()
-    tokens = len(_processor.encode(text))
-    return tokens, time.process_time() - started
+    if arrays:
+        tokens = sum(len(ids) for ids in _processor.encode(lines, num_threads=1, return_type="numpy"))
+    else:
+        tokens = sum(len(ids) for ids in _processor.encode(lines, num_threads=1))
+    return tokens + len(lines) - 1, time.process_time() - started
 
 
-def raw_encode(model: Path, texts: list[str], workers: int) -> Timing:
-    """SentencePiece alone on `workers` processes, longest text first; CPU time of the encode calls only."""
-    longest_first = sorted(texts, key=len, reverse=True)
+@dataclass
+class Timing:
+    tokens: int
+    seconds: float  # wall clock
+    cpu_seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def cpu_rate(self) -> float:
+        return self.tokens / self.cpu_seconds
+
+
+def sentencepiece_lines(model: Path, corpus: Path, workers: int, arrays: bool) -> Timing:
+    paths = sorted((str(p) for p in corpus.iterdir()), key=lambda p: -os.path.getsize(p))
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_load_model, initargs=(str(model),)) as pool:
-        pool.map(_encode, ["warm-up"] * workers, chunksize=1)  # processes started, model loaded
+        pool.map(_load_model, [str(model)] * workers, chunksize=1)  # processes started, model loaded
         started = time.perf_counter()
-        results = list(pool.imap_unordered(_encode, longest_first, chunksize=1))
+        results = list(pool.imap_unordered(_encode_lines, [(p, arrays) for p in paths], chunksize=1))
         seconds = time.perf_counter() - started
     return Timing(sum(r[0] for r in results), seconds, sum(r[1] for r in results))
-
-
-def _reported(pattern: str, text: str) -> float:
-    match = re.search(pattern, text)
-    return float(match.group(1).replace(",", "")) if match else float("nan")
 
 
 def _manifest(path: Path) -> dict:
     return json.loads((path / "manifest.json").read_text())
 
 
-def _load_average() -> str:
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def _load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.0f}"
+def compare(name: str, corpus: Path, model: Path, settings: list[str], scratch: Path, workers: int, repeats: int):  # type: ignore[no-untyped-def]
+    """Alternating runs of data_prep and of SentencePiece line by line; prints the fastest of each."""
+    ours: list[tuple[Timing, Measured]] = []
+    raw: dict[str, list[Timing]] = {"ids as lists": [], "ids as NumPy arrays": []}
+    for attempt in range(repeats):
+        out = scratch / f"{name}-{attempt}"
+        run = run_data_prep(f"input=[{corpus}]", f"output_dir={out}", *settings, f"tokenizer.model_path={model}")
+        ours.append((Timing(_manifest(out)["tokens"], run.seconds, run.cpu_seconds), run))
+        shutil.rmtree(out)
+        for kind in raw:
+            raw[kind].append(sentencepiece_lines(model, corpus, workers, arrays=kind.endswith("arrays")))
+    best_wall = min((t for t, _ in ours), key=lambda t: t.seconds)
+    best_cpu = min((t for t, _ in ours), key=lambda t: t.cpu_seconds)
+    base_wall = max((t for ts in raw.values() for t in ts), key=lambda t: t.rate)
+    base_cpu = max((t for ts in raw.values() for t in ts), key=lambda t: t.cpu_rate)
+    print(f"  {name}: {sum(p.stat().st_size for p in corpus.iterdir()) / MB:,.0f} MB")
+    print(f"    {'':44}{'tokens':>13}{'wall s':>8}{'tokens/s':>12}{'CPU s':>8}{'tokens/CPU s':>14}  wall s of each run")
+    rows = [("python -m data_prep, end to end", [t for t, _ in ours])] + [
+        (f"SentencePiece line by line, {kind}", timings) for kind, timings in raw.items()
+    ]
+    for label, timings in rows:
+        wall, cpu = min(timings, key=lambda t: t.seconds), min(timings, key=lambda t: t.cpu_seconds)
+        print(
+            f"    {label:44}{wall.tokens:>13,}{wall.seconds:>8.1f}{wall.rate:>12,.0f}{cpu.cpu_seconds:>8.1f}"
+            f"{cpu.cpu_rate:>14,.0f}  " + " ".join(f"{t.seconds:.1f}" for t in timings)
+        )
+    print(
+        f"    ratio data_prep / SentencePiece line by line (target >= 0.9): wall {best_wall.rate / base_wall.rate:.3f}, "
+        f"CPU {best_cpu.cpu_rate / base_cpu.cpu_rate:.3f}"
+    )
+    fastest_kind = max(raw, key=lambda kind: max(t.cpu_rate for t in raw[kind]))
+    return min(ours, key=lambda pair: pair[0].seconds)[1], fastest_kind.endswith("arrays")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
-    parser.add_argument("--repeats", type=int, default=5, help="alternating runs of (b); the fastest counts")
-    parser.add_argument("--copies", type=int, default=10, help="copies of the demo corpus for the large input")
+    parser.add_argument("--mb", type=float, default=200, help="size of each corpus of (b)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of (b); the fastest counts")
+    parser.add_argument("--scale-gb", type=float, default=2.0, help="size of the corpus of (c); 0 skips (c)")
+    parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where the corpora are generated")
     args = parser.parse_args()
     workers = args.workers
 
     corpus, settings = demo_settings()
-    corpus_bytes = sum(p.stat().st_size for p in corpus.glob("*.txt"))
+    global BOOKS
+    BOOKS = _books(corpus)
     print(
         f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python "
-        f"{platform.python_version()}, sentencepiece {spm.__version__}; workers={workers}; demo corpus "
-        f"{corpus_bytes / MB:.1f} MB; {' '.join(settings)}; load average at start {_load_average()}",
+        f"{platform.python_version()}, sentencepiece {spm.__version__}; workers={workers}; {' '.join(settings)}; "
+        f"load average at start {_load()}",
         flush=True,
     )
-    scratch = Path(tempfile.mkdtemp(prefix="bench_prep-"))
+    scratch = Path(tempfile.mkdtemp(prefix="bench_prep-", dir=args.tmp))
+    given = [*settings, f"num_workers={workers}"]
     try:
         # (a) a full run that trains the tokenizer.
-        trained = run_data_prep(
-            f"input=[{corpus}]", f"output_dir={scratch / 'trained'}", *settings, f"num_workers={workers}"
-        )
-        model = scratch / "trained" / "tokenizer.model"
-        config = _manifest(scratch / "trained")["config"]
+        trained = run_data_prep(f"input=[{corpus}]", f"output_dir={scratch / 'trained'}", *given)
+        model = scratch / "tokenizer.model"
+        shutil.copy(scratch / "trained" / "tokenizer.model", model)
+        train_s = float(re.search(r"tokenizer: trained .* in ([\d.]+) s", trained.stdout).group(1))  # type: ignore[union-attr]
+        print("\n(a) tokenizer training on the demo corpus")
+        print(f"  scan (reads the corpus, samples lines)      {trained.stages.get('scan', 0):8.1f} s")
+        print(f"  SentencePiece training (in the plan)        {train_s:8.1f} s")
+        print(f"  encoding                                    {trained.stages.get('encode', 0):8.1f} s")
+        print(f"  whole run                                   {trained.seconds:8.1f} s")
 
-        # (b) the same corpus with the tokenizer given, next to raw SentencePiece on the same text, cut three
-        # ways: whole documents; the split runs data_prep hands to encode(); passages of split_passage_chars.
-        given = [*settings, f"tokenizer.model_path={model}", f"num_workers={workers}"]
-        documents = cleaned_documents(corpus)
-        baselines = {
-            "raw encode, whole documents": documents,
-            "raw encode, the same split runs": [
-                run
-                for document in documents
-                for _, run in split_runs(document, config["split_passage_chars"], config["val_fraction"])
-            ],
-            "raw encode, passages": [
-                piece for document in documents for piece in passages(document, config["split_passage_chars"])
-            ],
-        }
-        prep_runs: list[Measured] = []
-        raw_runs: dict[str, list[Timing]] = {name: [] for name in baselines}
-        for attempt in range(args.repeats):
-            prep_runs.append(run_data_prep(f"input=[{corpus}]", f"output_dir={scratch / f'small-{attempt}'}", *given))
-            for name, texts in baselines.items():
-                raw_runs[name].append(raw_encode(model, texts, workers))
-        small_tokens = _manifest(scratch / "small-0")["tokens"]
+        # (b) the two corpora.
+        print(f"\n(b) throughput on {workers} processes, tokenizer given; fastest of {args.repeats} alternating runs")
+        wrapped = scratch / "hard-wrapped"
+        _write_copies(wrapped, args.mb, hard_wrapped)
+        small_run, arrays = compare("hard-wrapped books", wrapped, model, given, scratch, workers, args.repeats)
+        long = scratch / "long-lines"
+        _write_copies(long, args.mb, long_lines)
+        compare("lines of 100 kB and more", long, model, given, scratch, workers, args.repeats)
+        shutil.rmtree(long)
 
-        # (c) the corpus `--copies` times.
-        large_bytes = replicate(corpus, scratch / "large-input", args.copies)
-        large = run_data_prep(f"input=[{scratch / 'large-input'}]", f"output_dir={scratch / 'large'}", *given)
-        large_tokens = _manifest(scratch / "large")["tokens"]
+        if args.scale_gb:
+            scale(scratch, model, given, workers, args.scale_gb, small_run, wrapped, arrays)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    print(f"\nload average at the end {_load()}: other work on the machine slows the runs it overlaps")
 
-    train_s = _reported(r"tokenizer: trained .* in ([\d.]+) s", trained.stdout)
-    encode_s = _reported(r"encoding ([\d.]+) s", trained.stdout)
-    print()
-    print("(a) tokenizer training")
-    print(f"  sampling pass + SentencePiece training  {train_s:8.1f} s")
-    print(
-        f"  encoding pass of the same run           {encode_s:8.1f} s   (training / encoding {train_s / encode_s:.2f})"
-    )
-    print(f"  whole run                               {trained.seconds:8.1f} s")
 
-    print()
-    print(f"(b) throughput on {workers} processes, tokenizer given; the fastest of {args.repeats} alternating runs")
-    prep = [Timing(small_tokens, run.seconds, run.cpu_seconds) for run in prep_runs]
-    rows = {"python -m data_prep, end to end": prep, **raw_runs}
-    best = {name: min(timings, key=lambda t: t.seconds) for name, timings in rows.items()}
-    best_cpu = {name: min(timings, key=lambda t: t.cpu_seconds) for name, timings in rows.items()}
-    ours, ours_cpu = best["python -m data_prep, end to end"], best_cpu["python -m data_prep, end to end"]
-    print(
-        f"  {'':34}{'tokens':>10}{'wall s':>8}{'tokens/s':>11}{'ratio':>7}{'CPU s':>8}{'tokens/CPU s':>13}"
-        f"{'ratio':>7}  wall s of every run"
-    )
-    for name, timings in rows.items():
-        wall, cpu = best[name], best_cpu[name]
+def scale(
+    scratch: Path,
+    model: Path,
+    given: list[str],
+    workers: int,
+    gigabytes: float,
+    small: Measured,
+    small_corpus: Path,
+    arrays: bool,
+) -> None:
+    """(c); SentencePiece's ids as lists or as arrays, whichever was faster in (b): one baseline run, not two."""
+    print(f"\n(c) scale: {gigabytes:g} GB of the demo books with their lines shuffled, tokenizer given")
+    corpus = scratch / "scale"
+    size = _write_copies(corpus, gigabytes * 1000, shuffled_lines)
+    out = scratch / "scale-out"
+    run = run_data_prep(f"input=[{corpus}]", f"output_dir={out}", *given, f"tokenizer.model_path={model}")
+    tokens = _manifest(out)["tokens"]
+    shutil.rmtree(out)
+    base = sentencepiece_lines(model, corpus, workers, arrays)
+    ours = Timing(tokens, run.seconds, run.cpu_seconds)
+    small_bytes = sum(p.stat().st_size for p in small_corpus.iterdir())
+    print(f"  {'input':30}{'wall s':>8}{'CPU s':>8}{'main MiB':>10}{'worker MiB':>12}{'tree MiB':>10}")
+    for label, measured in ((f"{small_bytes / MB:,.0f} MB", small), (f"{size / MB:,.0f} MB", run)):
         print(
-            f"  {name:34}{wall.tokens:>10,}{wall.seconds:>8.2f}{wall.rate:>11,.0f}{ours.rate / wall.rate:>7.3f}"
-            f"{cpu.cpu_seconds:>8.2f}{cpu.cpu_rate:>13,.0f}{ours_cpu.cpu_rate / cpu.cpu_rate:>7.3f}  "
-            + " ".join(f"{t.seconds:.1f}" for t in timings)
+            f"  {label:30}{measured.seconds:>8.1f}{measured.cpu_seconds:>8.1f}{_mib(measured.peak_main):>10}"
+            f"{_mib(measured.peak_worker):>12}{_mib(measured.peak_tree):>10}"
         )
-    whole, whole_cpu = best["raw encode, whole documents"], best_cpu["raw encode, whole documents"]
+    print("  stages: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in run.stages.items()))
     print(
-        f"  ratio = data_prep / raw. Against whole documents (the target's baseline, >= 0.85): wall "
-        f"{ours.rate / whole.rate:.3f}, CPU {ours_cpu.cpu_rate / whole_cpu.cpu_rate:.3f}."
+        f"  {tokens:,} tokens: data_prep {ours.rate:,.0f} tokens/s ({ours.cpu_rate:,.0f} per CPU s), SentencePiece "
+        f"line by line {base.rate:,.0f} tokens/s ({base.cpu_rate:,.0f} per CPU s): ratio wall "
+        f"{ours.rate / base.rate:.3f}, CPU {ours.cpu_rate / base.cpu_rate:.3f}"
     )
-    phase_rate = max(_reported(r"at ([\d,]+) tokens/s", run.stdout) for run in prep_runs)
-    print(f"  data_prep's own encoding phase (no start-up, no tokenizer loading) reports {phase_rate:,.0f} tokens/s.")
-
-    print()
-    print("(c) peak resident memory in MiB (VmHWM; tree: largest sum of RSS over the processes at one time)")
-    print(f"  {'input':34}{'wall s':>8}{'CPU s':>8}{'main':>8}{'worker':>8}{'tree':>8}")
-    small = min(prep_runs, key=lambda run: run.seconds)
-    for label, run in [
-        (f"{corpus_bytes / MB:.0f} MB, training the tokenizer", trained),
-        (f"{corpus_bytes / MB:.0f} MB, tokenizer given", small),
-        (f"{large_bytes / MB:.0f} MB, tokenizer given", large),
-    ]:
+    # 1 TB: the CPU seconds per byte measured here, spread over array tasks; the plan and merge grow with the
+    # number of documents and shards only.
+    cpu_per_tb = run.cpu_seconds / size * 1e12
+    tokens_per_tb = tokens / size * 1e12
+    print(f"  1 TB of such text: about {tokens_per_tb / 1e9:,.0f} G tokens and {cpu_per_tb / 3600:,.0f} CPU hours:")
+    for tasks, cpus in ((64, 16), (256, 16), (512, 32)):
+        minutes = cpu_per_tb / (tasks * cpus) / 60
         print(
-            f"  {label:34}{run.seconds:>8.1f}{run.cpu_seconds:>8.1f}{_mib(run.peak_main):>8}"
-            f"{_mib(run.peak_worker):>8}{_mib(run.peak_tree):>8}"
+            f"    {tasks} array tasks of {cpus} CPUs: {minutes:,.0f} min of encoding at this machine's rate per CPU "
+            f"(slice_mb 1024: {1e12 / 1.024e9 / tasks:,.0f} slices per task)"
         )
-    print(
-        f"  ({large_bytes / corpus_bytes:.1f}x the input, {large_tokens / small_tokens:.1f}x the tokens: main process "
-        f"peak {large.peak_main / small.peak_main:.2f}x, worker peak {large.peak_worker / small.peak_worker:.2f}x; "
-        f"{large_tokens / large.cpu_seconds:,.0f} tokens/CPU s)"
-    )
-    print(f"load average at the end {_load_average()}: other work on the machine slows the runs it overlaps")
 
+
+BOOKS: list[tuple[str, str]] = []
 
 if __name__ == "__main__":
     main()

@@ -9,11 +9,13 @@ disk refuses half-way (ENOSPC) is cut back off, so the file never ends in a torn
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -24,11 +26,25 @@ def fsync_dir(path: Path) -> None:
         os.close(descriptor)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: a hidden name beside it, one per process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def stale_temporaries(path: Path) -> list[Path]:
+    """Temporary files of `path` left by killed writers (any process id)."""
+    return sorted(path.parent.glob(f".{path.name}.tmp-*"))
+
+
+@contextlib.contextmanager
+def open_atomic(path: Path) -> Iterator[BinaryIO]:
+    """A binary handle whose content appears at `path` only when the block completes (for files written in
+    pieces, too large to hold in memory). An exception removes the temporary file; a kill leaves it, under a
+    name `stale_temporaries` finds, and never at `path`."""
+    temp = temporary_path(path)
     try:
         with open(temp, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -36,6 +52,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         temp.unlink(missing_ok=True)  # a full disk must not leave the temporary file behind
         raise
     fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with open_atomic(path) as handle:
+        handle.write(data)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -6,12 +6,17 @@ its own fields in `problems()`; `python -m data_prep` raises them all in one mes
 
 from __future__ import annotations
 
+import codecs
 import os
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
 
 from common.errors import ConfigProblems
+from common.slurm import slurm_time_seconds
 
 # SentencePiece ids are fixed so that every dataset of this project agrees on them.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -96,6 +101,69 @@ class CorpusConfig:
 
 
 @dataclass
+class LocalLauncherConfig:
+    """`launcher=local` (the default): the tasks run as processes on this machine, `num_workers` workers each
+    (all cores shared among the tasks when num_workers=0); with tasks=1 everything runs in this process."""
+
+
+@dataclass
+class SlurmLauncherConfig:
+    """`launcher=slurm`: one job array scans the inputs, one job trains the tokenizer and plans deduplication,
+    one job array encodes the slices into shards, one job merges them and writes the manifest; each depends on
+    the one before. The command prints the job ids and returns; run it again to finish what is missing."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    # Time limit of each array task and of the merge (minutes, [D-]HH:MM:SS, ...); unset: the partition's.
+    time: str | None = None
+    # CPUs of each job; the encoding workers are one per CPU when num_workers=0.
+    cpus_per_task: int = 8
+    # sbatch --mem of each job (e.g. "16G"); unset: the partition's default.
+    mem: str | None = None
+    # The tokenizer job's own time limit and memory (SentencePiece on tokenizer.sample_lines lines); unset:
+    # the values above.
+    tokenizer_time: str | None = None
+    tokenizer_mem: str | None = None
+    # Array tasks running at once (sbatch --array=...%N); 0: as many as the cluster allows.
+    max_running: int = 0
+    job_name: str = "data_prep"
+    # Extra sbatch options for every job, e.g. ["--exclusive", "--mail-type=END"].
+    extra_sbatch: list[str] = field(default_factory=list)
+    # Shell lines run before each job's command, e.g. ["source .venv/bin/activate"].
+    setup: list[str] = field(default_factory=list)
+    # The Python of the jobs; unset: the interpreter running `python -m data_prep`.
+    python: str | None = None
+    # Write the job scripts to <output_dir>/slurm/ and print them; submit nothing.
+    dry_run: bool = False
+
+    def problems(self) -> ConfigProblems:
+        problems = ConfigProblems()
+        problems.check(self.cpus_per_task >= 1, "launcher.cpus_per_task", self.cpus_per_task, "must be >= 1")
+        problems.check(self.max_running >= 0, "launcher.max_running", self.max_running, "must be >= 0 (0: no limit)")
+        for key in ("time", "tokenizer_time"):
+            value = getattr(self, key)
+            if value is not None and slurm_time_seconds(value) is None:
+                problems.add(f"launcher.{key}", value, "must be minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
+        for key in ("job_name", "mem", "tokenizer_mem", "partition", "account", "qos", "constraint"):
+            value = getattr(self, key)
+            # One #SBATCH line each: a line break would end the option, whitespace would split it.
+            if value is not None and (not value.strip() or re.search(r"\s", value)):
+                problems.add(f"launcher.{key}", value, "must be one word (no spaces or line breaks)")
+        for line in self.extra_sbatch:
+            problems.check(
+                line.startswith("-") and "\n" not in line,
+                "launcher.extra_sbatch",
+                line,
+                "each entry is one sbatch option starting with '-', e.g. --exclusive",
+            )
+        for line in self.setup:
+            problems.check("\n" not in line, "launcher.setup", line, "one shell line per entry")
+        return problems
+
+
+@dataclass
 class PrepConfig:
     """Raw text -> cleaned documents -> SentencePiece -> packed WebDataset shards with a manifest."""
 
@@ -114,12 +182,25 @@ class PrepConfig:
     split_passage_chars: int = 32768
     # The JSON field holding the text in .jsonl inputs.
     text_field: str = "text"
-    # Encoding processes; 0 means one per CPU core.
+    # Encoding processes of each task; 0: one per CPU core (shared among local tasks; a Slurm task's own CPUs).
     num_workers: int = 0
+    # Tasks the work is split into: processes on this machine (launcher=local) or Slurm array tasks
+    # (launcher=slurm). Each takes whole slices, so the output is byte-identical for any number of tasks.
+    tasks: int = 1
+    # The inputs are cut into slices of about this many MB (whole files in order; an uncompressed .jsonl larger
+    # than this into byte ranges). Each slice is packed on its own (its last partial sample is dropped, its
+    # last shard may be short), so the output depends on slice_mb, never on tasks or workers; tasks can not
+    # outnumber slices, and a killed task resumes each slice from its last complete shard.
+    slice_mb: float = 1024.0
+    # "auto": each file's own encoding (a byte-order mark, UTF-8, else detected by charset-normalizer); or a
+    # Python codec name (e.g. "cp1252") for every file.
+    input_encoding: str = "auto"
     # Target size of one shard in MB (WebDataset works best with shards of 100 MB to 1 GB on clusters).
     shard_size_mb: float = 256.0
     # Raw bytes of input sent to a worker at a time; bounds memory together with num_workers.
     task_mb: float = 4.0
+    # How tasks are run: launcher=local (processes here, the default) or launcher=slurm (conf/launcher/).
+    launcher: Any = MISSING
     # Replace an output_dir that holds a different dataset.
     overwrite: bool = False
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -135,6 +216,15 @@ class PrepConfig:
             "must be >= 256",
         )
         problems.check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0 (0: all cores)")
+        problems.check(self.tasks >= 1, "tasks", self.tasks, "must be >= 1")
+        problems.check(self.slice_mb > 0, "slice_mb", self.slice_mb, "must be > 0")
+        if self.input_encoding != "auto":
+            try:
+                codecs.lookup(self.input_encoding)
+            except LookupError:
+                problems.add(
+                    "input_encoding", self.input_encoding, "is not a Python codec; use auto, or e.g. utf-8, cp1252"
+                )
         problems.check(self.shard_size_mb > 0, "shard_size_mb", self.shard_size_mb, "must be > 0")
         problems.check(self.task_mb > 0, "task_mb", self.task_mb, "must be > 0")
         problems.check(bool(self.output_dir), "output_dir", self.output_dir, "must name a directory")
@@ -145,12 +235,35 @@ class PrepConfig:
             "name at least one file, directory or glob (or choose corpus=demo_books)",
         )
         problems.extend(self.tokenizer.problems())
+        if isinstance(self.launcher, SlurmLauncherConfig):
+            problems.extend(self.launcher.problems())
+        elif not isinstance(self.launcher, LocalLauncherConfig):
+            problems.add("launcher", self.launcher, "choose launcher=local or launcher=slurm")
         return problems
 
-    @property
-    def workers(self) -> int:
-        return self.num_workers or (os.cpu_count() or 1)
+
+def prep_config(container: dict[str, Any]) -> PrepConfig:
+    """A PrepConfig from its resolved container (as stored in a work directory or a manifest)."""
+    base = OmegaConf.structured(PrepConfig(launcher=LocalLauncherConfig()))
+    config = OmegaConf.to_object(OmegaConf.merge(base, {k: v for k, v in container.items() if k != "launcher"}))
+    assert isinstance(config, PrepConfig)
+    return config
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: Slurm's allocation inside a job, else the affinity mask, else the count."""
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="prep_schema", node=PrepConfig)
+    store = ConfigStore.instance()
+    store.store(name="prep_schema", node=PrepConfig)
+    # conf/launcher/{local,slurm}.yaml select a schema by these names; `python -m launch` registers its own
+    # under them (a torchrun or training sbatch launcher), this command its own (processes or job arrays).
+    store.store(group="launcher", name="local_schema", node=LocalLauncherConfig)
+    store.store(group="launcher", name="slurm_schema", node=SlurmLauncherConfig)

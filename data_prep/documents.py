@@ -2,7 +2,9 @@
 
 Cleaning is deliberately light, and lossless with respect to what is trained on: the decoded tokens of a
 document give back exactly its cleaned text.
-- invalid UTF-8 is replaced by U+FFFD and counted;
+- each file is decoded in its own encoding (data_prep/charsets.py: UTF-8, UTF-16/32 with a byte-order mark, or
+  a legacy code page such as cp1252); sequences that do not decode (possible in UTF-8/16/32 only) are replaced
+  by U+FFFD and counted, as are lone surrogates escaped in JSON;
 - line endings are normalized to "\\n";
 - U+2581 (SentencePiece's whitespace marker "▁", which would decode as a space) becomes a space, counted;
 - a leading byte-order mark is dropped; whitespace-only documents are dropped.
@@ -15,67 +17,69 @@ count, and a corpus of a handful of books still gets a real validation set.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 
+from data_prep.charsets import AUTO, decode_counting, decode_file
 from data_prep.sources import KIND_JSONL
 
 SPLIT_TRAIN, SPLIT_VAL = 0, 1
 SPLIT_NAMES = ("train", "val")
 SPACE_MARKER = "\u2581"
 
-_replacements = 0
 # What json.loads makes of an escaped surrogate without its partner ("\\ud800"): not encodable as UTF-8.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _count_and_replace(error: UnicodeError) -> tuple[str, int]:
-    global _replacements
-    assert isinstance(error, UnicodeDecodeError)
-    _replacements += 1
-    return "\ufffd", error.end
-
-
-codecs.register_error("data_prep_count_replace", _count_and_replace)
-
-
 def decode_utf8(data: bytes) -> tuple[str, int]:
     """Decode UTF-8, replacing each invalid sequence by U+FFFD; returns the text and the replacements."""
-    global _replacements
-    _replacements = 0
-    text = data.decode("utf-8", errors="data_prep_count_replace")
-    return text, _replacements
+    return decode_counting(data, "utf-8")
 
 
 @dataclass
 class CleanStats:
-    invalid_utf8_replaced: int = 0
+    # Byte sequences that do not decode in their file's encoding, and lone surrogates escaped in JSON.
+    undecodable_replaced: int = 0
     space_markers_replaced: int = 0
     empty_documents: int = 0
     invalid_json_lines: int = 0
 
+    def add(self, other: CleanStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
-def extract_text(kind: str, raw: bytes, text_field: str, stats: CleanStats) -> str | None:
-    """The document's text (None when the record is unusable), decoded and counted into `stats`."""
-    text, replaced = decode_utf8(raw)
-    stats.invalid_utf8_replaced += replaced
-    if kind == KIND_JSONL:
-        try:
-            # A byte-order mark (from some Windows tools) opens the file; it is not part of the first record.
-            record = json.loads(text.removeprefix("\ufeff"))
-        except json.JSONDecodeError:
-            stats.invalid_json_lines += 1
-            return None
-        value = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(value, str):
-            stats.invalid_json_lines += 1
-            return None
-        text, lone = _LONE_SURROGATE.subn("\ufffd", value)
-        stats.invalid_utf8_replaced += lone
-    return text
+
+def extract_text(
+    kind: str, raw: bytes, codec: str | None, text_field: str, stats: CleanStats, input_encoding: str = AUTO
+) -> tuple[str | None, str | None]:
+    """The document's text (None when the record is unusable), decoded and counted into `stats`, and the codec
+    detected for it when `codec` is None (a text file decoded for the first time; the scan records it, so the
+    encoding pass decodes with it directly)."""
+    detected = None
+    if codec is None:
+        decoded = decode_file(raw, input_encoding)
+        text, replaced, detected = decoded.text, decoded.replaced, decoded.codec
+    else:
+        text, replaced = decode_counting(raw, codec)
+        text = text.removeprefix("\ufeff")  # what decode_file drops (a BOM decoded by a codec that keeps it)
+    stats.undecodable_replaced += replaced
+    if kind != KIND_JSONL:
+        return text, detected
+    try:
+        # A byte-order mark (from some Windows tools) opens the file; it is not part of the first record.
+        record = json.loads(text.removeprefix("\ufeff"))
+    except json.JSONDecodeError:
+        stats.invalid_json_lines += 1
+        return None, detected
+    value = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(value, str):
+        stats.invalid_json_lines += 1
+        return None, detected
+    text, lone = _LONE_SURROGATE.subn("\ufffd", value)
+    stats.undecodable_replaced += lone
+    return text, detected
 
 
 def clean_text(text: str, stats: CleanStats) -> str | None:

@@ -15,26 +15,31 @@ the command line, from which they compose the same run.
 
 Sweeps (`-m`) run through Hydra's basic launcher: each point is validated and started (local) or submitted
 (slurm, without waiting) in turn, so every point is one of our sbatch jobs, with its signal handling and
-self-requeue. (hydra-submitit-launcher works with our Hydra, but it runs the task function inside a job of
-its own, which would put a second, different job script around the run.)
+self-requeue. Each point's run directory records its sweep (RUN/sweep.json: the sweep's id and the point's
+values), which groups the points in `python -m pretrain.dashboard` and in W&B. (hydra-submitit-launcher works
+with our Hydra, but it runs the task function inside a job of its own, which would put a second, different
+job script around the run.)
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from hydra.core.hydra_config import HydraConfig
 
-from common.app import run_app
-from data_prep.manifest import MANIFEST_NAME, load_manifest
+from common.app import run_app, sweep_point
 from launch.config import LaunchConfig, SlurmLauncherConfig, register_configs, training_overrides, validate_launch
+from pretrain.core.mixture import DataSources
+from pretrain.core.run_dir import RunDir, SweepPoint
 
 
 def launch(config: LaunchConfig) -> int:
-    manifest = load_manifest(config.data_dir) if (Path(config.data_dir) / MANIFEST_NAME).is_file() else None
-    validate_launch(config, manifest)
+    # The datasets (one data_dir, or a mixture's data_dirs) are checked here as the ranks will check them.
+    validate_launch(config, DataSources.from_config(config))
     # The ranks get the training part of this command line, and compose the config validated above from it.
     args = training_overrides(list(HydraConfig.get().overrides.task))
+    point = sweep_point()
+    if point is not None and not config.launch.dry_run:
+        # The run remembers its sweep: the dashboard groups the points, W&B puts them in one group.
+        RunDir(config.run_dir).write_sweep(SweepPoint(**point))
     if isinstance(config.launcher, SlurmLauncherConfig):
         from launch.slurm import submit
 

@@ -23,9 +23,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from common.errors import ConfigProblems, UserError
-from data_prep.manifest import Manifest
+from common.slurm import slurm_time_seconds
 from pretrain.core.config import RunConfig, run_problems
 from pretrain.core.config import register_configs as register_run_configs
+from pretrain.core.mixture import DataSources
 
 PROGRAMS = ("torchrun", "deepspeed")
 
@@ -235,13 +236,13 @@ class LaunchConfig(RunConfig):
         return int(self.launcher.world_size)
 
 
-def validate_launch(config: LaunchConfig, manifest: Manifest | None) -> None:
+def validate_launch(config: LaunchConfig, sources: DataSources | None) -> None:
     """The launcher's own checks and the run's checks at the launcher's world size, reported at once."""
     if not isinstance(config.launcher, LocalLauncherConfig | SlurmLauncherConfig):
         raise UserError(f"launcher: choose launcher=local or launcher=slurm (got {type(config.launcher).__name__})")
     problems = config.launcher.problems()
     if config.launcher.world_size >= 1:
-        problems.extend(run_problems(config.run_config(), manifest, config.world_size))
+        problems.extend(run_problems(config.run_config(), sources, config.world_size))
     problems.raise_if_any()
 
 
@@ -254,25 +255,6 @@ def training_overrides(overrides: Sequence[str]) -> list[str]:
         if group not in ("launcher", "launch"):
             kept.append(override)
     return kept
-
-
-_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-
-
-def slurm_time_seconds(text: str) -> int | None:
-    """Seconds in a Slurm time limit ("30", "30:00", "4:00:00", "2-12", "2-12:30"); None if malformed."""
-    match = _SLURM_TIME.match(text.strip())
-    if not match:
-        return None
-    days, first, second, third = match.groups()
-    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
-        hours, minutes, seconds = int(first), int(second or 0), int(third or 0)
-        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
-    if third is not None:  # HH:MM:SS
-        return (int(first) * 60 + int(second)) * 60 + int(third)
-    if second is not None:  # MM:SS
-        return int(first) * 60 + int(second)
-    return int(first) * 60  # minutes
 
 
 def register_configs() -> None:

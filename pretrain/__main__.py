@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-from common.app import report_user_error, run_app
+from common.app import report_user_error, run_app, sweep_point
 from common.errors import UserError
-from data_prep.manifest import MANIFEST_NAME, load_manifest
 from pretrain.core.config import RunConfig, register_configs, validate_run
+from pretrain.core.mixture import DataSources
+from pretrain.core.run_dir import RunDir, SweepPoint
 
 EXIT_LOST_PEER = 1
 
 
 def train(config: RunConfig) -> int:
-    # Every config problem is reported before any process group, engine or data loader starts; the manifest
-    # is read once, here, and handed to the trainer.
-    manifest = load_manifest(config.data_dir) if (Path(config.data_dir) / MANIFEST_NAME).is_file() else None
-    validate_run(config, manifest, int(os.environ.get("WORLD_SIZE", "1")))
-    assert manifest is not None  # validate_run refuses a data_dir without one
+    # Every config problem is reported before any process group, engine or data loader starts; the datasets'
+    # manifests are read once, here, and handed to the trainer.
+    sources = DataSources.from_config(config)
+    validate_run(config, sources, int(os.environ.get("WORLD_SIZE", "1")))
+    point = sweep_point()  # `python -m pretrain -m ...`: the run remembers its sweep (python -m launch does too)
+    if point is not None and os.environ.get("RANK", "0") == "0":
+        RunDir(config.run_dir).write_sweep(SweepPoint(**point))
     # Imported here so that `--help` and config errors do not pay for importing DeepSpeed.
     from pretrain.core.distributed import (
         die_with_launcher,
@@ -39,7 +41,7 @@ def train(config: RunConfig) -> int:
 
     die_with_launcher()
     world = init_distributed(config.distributed.timeout_s)
-    trainer = Trainer(config, manifest, world)
+    trainer = Trainer(config, sources, world)
     try:
         try:
             code = trainer.run()

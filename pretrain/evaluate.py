@@ -1,7 +1,9 @@
 """`python -m pretrain.evaluate run_dir=RUN [text_file=PATH]`: loss, perplexity and bits per byte of a checkpoint.
 
 Without `text_file`, the validation split of the run's dataset: the same first `eval.samples` samples, the
-same token-weighted mean, so the loss equals the trainer's evaluation of that checkpoint. With `text_file`,
+same token-weighted mean, so the loss equals the trainer's evaluation of that checkpoint. A run on a data
+mixture is evaluated per source (one line each, as its val_loss/<source>) and over all sources (the
+token-weighted mean, as its val_loss). With `text_file`,
 any UTF-8 text, cleaned as data_prep cleans a document, tokenized with the run's tokenizer, preceded by EOS (a
 document starts after EOS in training) and cut into windows of the run's training length that overlap by one
 token, so every token after the first is predicted exactly once, as in the shards.
@@ -33,6 +35,7 @@ from common.errors import ConfigProblems, UserError
 from data_prep.documents import CleanStats, clean_text, decode_utf8
 from data_prep.manifest import MANIFEST_NAME, load_manifest
 from pretrain.core.data import TokenSamples, build_index, eval_batches
+from pretrain.core.mixture import source_name
 from pretrain.core.model import GPT
 from pretrain.core.scoring import loss_totals
 
@@ -46,7 +49,8 @@ class EvaluateConfig:
     checkpoint: str | None = None
     # Evaluate this UTF-8 text file (.gz too) instead of the validation shards.
     text_file: str | None = None
-    # The dataset whose validation split is evaluated; unset: the run's data_dir, as recorded in the checkpoint.
+    # The dataset whose validation split is evaluated; unset: the run's data_dir (or each source of its data
+    # mixture), as recorded in the checkpoint.
     data_dir: str | None = None
     # Validation samples evaluated (the split's first ones); unset: the run's eval.samples, the set its
     # training-time evaluations used.
@@ -104,6 +108,17 @@ class Evaluation:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+
+    @classmethod
+    def combined(cls, source: str, parts: list[Evaluation]) -> Evaluation:
+        """The evaluation of all parts' tokens together: the token-weighted mean of their losses."""
+        return cls(
+            source,
+            sum(p.sequences for p in parts),
+            sum(p.tokens for p in parts),
+            sum(p.bytes for p in parts),
+            sum(p.total_loss for p in parts),
+        )
 
 
 def token_byte_lengths(tokenizer: spm.SentencePieceProcessor) -> np.ndarray:
@@ -180,13 +195,15 @@ def text_windows(ids: list[int], context: int, batch_size: int) -> Iterator[Batc
 
 
 def evaluate(config: EvaluateConfig) -> tuple[Evaluation, dict[str, Any]]:
-    from pretrain.core.trained_model import load_trained_model
+    """The evaluation (over all sources of a mixture), and what describes it: checkpoint, step, data or text;
+    for a mixture, `sources` holds each source's evaluation."""
+    from pretrain.core.trained_model import load_trained_model, training_data_dirs
 
     text = read_text(Path(config.text_file)) if config.text_file else None  # a bad path fails before loading
     loaded = load_trained_model(config.run_dir, config.checkpoint, config.device)
     model, tokenizer, state = loaded.model, loaded.tokenizer, loaded.state
     byte_lengths = token_byte_lengths(tokenizer)
-    info = {"checkpoint": str(loaded.checkpoint.path), "step": state["trainer"]["step"]}
+    info: dict[str, Any] = {"checkpoint": str(loaded.checkpoint.path), "step": state["trainer"]["step"]}
     if text is not None:
         context = config.context or loaded.seq_len
         if context > model.config.max_seq_len:
@@ -195,7 +212,22 @@ def evaluate(config: EvaluateConfig) -> tuple[Evaluation, dict[str, Any]]:
         batches = text_windows(ids, context, config.batch_size)
         result = score(model, batches, byte_lengths, f"text {config.text_file}")
         return result, {**info, "context": context, "text_file": config.text_file}
-    data_dir = Path(config.data_dir or state.get("data_dir") or state["config"]["data_dir"])
+    data_dirs = [config.data_dir] if config.data_dir else training_data_dirs(state)
+    samples = config.samples or int(state["config"]["eval"]["samples"])
+    parts = []
+    for data_dir in map(Path, data_dirs):
+        check_dataset(data_dir, state, model.config.max_seq_len)
+        batches = shard_batches(data_dir, samples, config.batch_size, model.config.doc_mask)
+        parts.append(score(model, batches, byte_lengths, f"val split of {data_dir}"))
+    info["samples"] = samples
+    if len(parts) == 1:  # a run on one dataset, or one dataset asked for (data_dir=)
+        return parts[0], {**info, "data_dir": data_dirs[0]}
+    info["data_dirs"] = data_dirs
+    info["sources"] = {source_name(d): part for d, part in zip(data_dirs, parts, strict=True)}
+    return Evaluation.combined(f"all {len(parts)} sources", parts), info
+
+
+def check_dataset(data_dir: Path, state: dict[str, Any], max_seq_len: int) -> None:
     if not (data_dir / MANIFEST_NAME).is_file():
         raise UserError(
             f"the run's dataset {str(data_dir)!r} is not there (no {MANIFEST_NAME}); give data_dir=PATH or text_file=PATH"
@@ -203,12 +235,8 @@ def evaluate(config: EvaluateConfig) -> tuple[Evaluation, dict[str, Any]]:
     manifest = load_manifest(data_dir)
     if manifest.tokenizer_sha256 != state.get("tokenizer_sha256"):
         raise UserError(f"data_dir={str(data_dir)!r} was tokenized with another tokenizer than the run's")
-    if manifest.seq_len > model.config.max_seq_len:
+    if manifest.seq_len > max_seq_len:
         raise UserError(f"data_dir={str(data_dir)!r} has seq_len {manifest.seq_len} > max_seq_len of the model")
-    samples = config.samples or int(state["config"]["eval"]["samples"])
-    batches = shard_batches(data_dir, samples, config.batch_size, model.config.doc_mask)
-    result = score(model, batches, byte_lengths, f"val split of {data_dir}")
-    return result, {**info, "data_dir": str(data_dir), "samples": samples}
 
 
 def run(config: EvaluateConfig) -> int:
@@ -218,9 +246,14 @@ def run(config: EvaluateConfig) -> int:
         raise UserError(f"output={config.output!r}: its directory does not exist")
     result, info = evaluate(config)
     print(f"# checkpoint {info['checkpoint']} (step {info['step']})", file=sys.stderr, flush=True)
+    sources: dict[str, Evaluation] = info.pop("sources", {})
+    for part in sources.values():
+        print(part.summary(), flush=True)
     print(result.summary(), flush=True)
     if config.output:
         payload = {**info, **result.as_dict(), "seconds": time.perf_counter() - started}
+        if sources:
+            payload["sources"] = {name: part.as_dict() for name, part in sources.items()}
         try:
             Path(config.output).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         except OSError as error:

@@ -37,10 +37,11 @@ from common.app import run_app
 from common.errors import ConfigProblems, UserError
 from data_prep.manifest import MANIFEST_NAME
 from pretrain.core.callbacks.metrics_file import read_metrics
+from pretrain.core.mixture import MixtureState
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
 from pretrain.core.run_dir import RunDir
-from pretrain.core.trained_model import TrainedModel
+from pretrain.core.trained_model import TrainedModel, training_data_dirs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Real text with the cases tokenizers get wrong: accents, CJK, emoji, digits, runs of spaces, tabs, newlines.
@@ -194,6 +195,22 @@ def _last(entries: list[dict[str, Any]], key: str, step: int) -> dict[str, Any] 
     return found[-1] if found else None
 
 
+def _dataset_line(data_dir: Path) -> str:
+    manifest_path = data_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return f"- `{data_dir}` (its manifest was not available at export time)."
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    prep = manifest.get("config", {})
+    source = prep.get("corpus") or ", ".join(map(str, prep.get("input") or [])) or "?"
+    splits = manifest.get("splits", {})
+    return (
+        f"- `{data_dir}`: {source}; {manifest['documents']:,} documents, {manifest['tokens']:,} tokens "
+        f"({splits.get('train', {}).get('samples', 0):,} training and {splits.get('val', {}).get('samples', 0):,} "
+        f"validation samples of {manifest['seq_len']} tokens), from {manifest.get('inputs', {}).get('files', '?')} "
+        "input files."
+    )
+
+
 def model_card(loaded: TrainedModel, checked: dict[str, Any]) -> str:
     """README.md: what the model is, what it was trained on and for how long, how well, at what energy cost."""
     state, config = loaded.state, loaded.model.config
@@ -225,21 +242,12 @@ def model_card(loaded: TrainedModel, checked: dict[str, Any]) -> str:
         "## Training data",
         "",
     ]
-    data_dir = Path(str(state.get("data_dir") or state["config"]["data_dir"]))
-    manifest_path = data_dir / MANIFEST_NAME
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        prep = manifest.get("config", {})
-        source = prep.get("corpus") or ", ".join(map(str, prep.get("input") or [])) or "?"
-        splits = manifest.get("splits", {})
-        lines.append(
-            f"`{data_dir}`: {source}; {manifest['documents']:,} documents, {manifest['tokens']:,} tokens "
-            f"({splits.get('train', {}).get('samples', 0):,} training and {splits.get('val', {}).get('samples', 0):,} "
-            f"validation samples of {manifest['seq_len']} tokens), from {manifest.get('inputs', {}).get('files', '?')} "
-            f"input files."
-        )
-    else:
-        lines.append(f"`{data_dir}` (its manifest was not available at export time).")
+    for data_dir in map(Path, training_data_dirs(state)):
+        lines.append(_dataset_line(data_dir))
+    if "data_dirs" in state and "mixture" in state:
+        mixture = MixtureState.from_state_dict(state["mixture"])
+        lines.append("")
+        lines += [f"Mixture from step {s.step:,}: {mixture.describe(s.units)}." for s in mixture.segments]
     metrics = read_metrics(run_dir.metrics)
     lines += ["", "## Evaluation", ""]
     evaluation = _last(metrics, "val_loss", step)

@@ -3,7 +3,8 @@ no network.
 
 Reads RUN/metrics.jsonl (and RUN/config.yaml, RUN/status.json when present) and writes RUN/report/index.html
 plus its charts as PNG files next to it: loss and validation loss, learning rate, tokens/s, power and
-cumulative emissions, all against tokens seen. The page embeds the PNGs (base64), so it can be mailed or
+cumulative emissions, all against tokens seen; for a data mixture, the tokens and the validation loss of each
+source, with the mixture's changes marked. The page embeds the PNGs (base64), so it can be mailed or
 opened anywhere on its own.
 """
 
@@ -66,7 +67,51 @@ def _plot_from_zero(axes: Any, tokens: list[float], watts: list[float]) -> None:
     axes.set_ylim(0, max(watts, default=1.0) * 1.15)
 
 
-def make_charts(train: list[dict[str, Any]], evals: list[dict[str, Any]], budget: float | None) -> list[Chart]:
+def _sources(entries: list[dict[str, Any]], prefix: str) -> list[str]:
+    """The source names of a data mixture's per-source keys (`<prefix>/<source>`), in first-seen order."""
+    return list(dict.fromkeys(k.split("/", 1)[1] for e in entries for k in e if k.startswith(prefix + "/")))
+
+
+def _mark_changes(axes: Any, mixtures: list[dict[str, Any]]) -> None:
+    for change in mixtures:
+        if change.get("step", 0) > 0:
+            axes.axvline(change["tokens"], linestyle=":", color="gray", label=f"new mixture (step {change['step']})")
+
+
+def _mixture_charts(
+    train: list[dict[str, Any]], evals: list[dict[str, Any]], mixtures: list[dict[str, Any]]
+) -> list[Chart]:
+    charts = []
+    sources = _sources(train, "tokens")
+    if sources:
+
+        def tokens(axes: Any) -> None:
+            for name in sources:
+                axes.plot(*_series(train, f"tokens/{name}"), label=name)
+            _mark_changes(axes, mixtures)
+
+        charts.append(Chart("tokens_by_source", "Tokens per source", _figure(tokens, "tokens of the source")))
+    val_sources = _sources(evals, "val_loss")
+    if val_sources:
+
+        def val_loss(axes: Any) -> None:
+            for name in val_sources:
+                axes.plot(*_series(evals, f"val_loss/{name}"), "o-", label=name)
+            axes.plot(*_series(evals, "val_loss"), "k--", label="all sources")
+            _mark_changes(axes, mixtures)
+
+        charts.append(
+            Chart("val_loss_by_source", "Validation loss per source", _figure(val_loss, "cross-entropy (nats)"))
+        )
+    return charts
+
+
+def make_charts(
+    train: list[dict[str, Any]],
+    evals: list[dict[str, Any]],
+    budget: float | None,
+    mixtures: list[dict[str, Any]] | None = None,
+) -> list[Chart]:
     charts = []
 
     def loss(axes: Any) -> None:
@@ -95,7 +140,27 @@ def make_charts(train: list[dict[str, Any]], evals: list[dict[str, Any]], budget
                 axes.axhline(budget, linestyle="--", color="black", label=f"budget {budget:g} kg")
 
         charts.append(Chart("emissions", "Cumulative emissions", _figure(emissions, "kg CO2eq")))
-    return charts
+    return charts + _mixture_charts(train, evals, mixtures or [])
+
+
+def _mixture_summary(
+    train: list[dict[str, Any]], evals: list[dict[str, Any]], mixtures: list[dict[str, Any]]
+) -> list[tuple[str, str]]:
+    """Each source's tokens (share of all) and latest validation loss; the mixture's weights, from each step."""
+    rows = []
+    last = train[-1] if train else {}
+    total = last.get("tokens") or 0
+    latest_eval = evals[-1] if evals else {}
+    for name in _sources(train, "tokens"):
+        tokens = last.get(f"tokens/{name}", 0)
+        text = f"{tokens:,} tokens ({tokens / total:.1%})" if total else f"{tokens:,} tokens"
+        if f"val_loss/{name}" in latest_eval:
+            text += f", val loss {latest_eval[f'val_loss/{name}']:.4f} (step {latest_eval['step']})"
+        rows.append((f"source {name}", text))
+    for change in mixtures:
+        weights = ", ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in change.items() if k.startswith("data_weight/"))
+        rows.append((f"data mixture from step {change['step']:,}", weights))
+    return rows
 
 
 def _summary(train: list[dict[str, Any]], evals: list[dict[str, Any]], status: dict[str, Any]) -> list[tuple[str, str]]:
@@ -171,6 +236,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     entries = read_metrics(run.metrics)
     train = [e for e in entries if e.get("kind") == "train"]
     evals = [e for e in entries if e.get("kind") == "eval"]
+    mixtures = [e for e in entries if e.get("kind") == "mixture"]
     if not train:
         raise UserError(
             f"{str(run_dir)!r} has no logged training step in metrics.jsonl: is it a run_dir of python -m pretrain, "
@@ -182,13 +248,14 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         raise UserError("python -m pretrain.report needs matplotlib: pip install matplotlib") from error
     config_text = run.config_file.read_text(encoding="utf-8") if run.config_file.is_file() else ""
     status = run.read_status() or {}
-    charts = make_charts(train, evals, _budget(config_text))
+    charts = make_charts(train, evals, _budget(config_text), mixtures)
     out = out_dir or run.report
     out.mkdir(parents=True, exist_ok=True)
     for chart in charts:
         (out / f"{chart.name}.png").write_bytes(chart.png)
     page = out / "index.html"
-    page.write_text(render_html(run_dir, charts, _summary(train, evals, status), config_text), encoding="utf-8")
+    summary = _summary(train, evals, status) + _mixture_summary(train, evals, mixtures)
+    page.write_text(render_html(run_dir, charts, summary, config_text), encoding="utf-8")
     return page
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.distributed_runner import run_ranks
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,17 +46,35 @@ def torchrun_command(nproc: int, module: str, *args: str) -> list[str]:
 
 
 def run_distributed(
-    nproc: int, module: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None, check: bool = True
+    nproc: int,
+    module: str,
+    *args: str,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    launcher: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """The one helper for multi-process tests: run `module` on `nproc` real ranks and wait for it."""
-    done = subprocess.run(
-        torchrun_command(nproc, module, *args),
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """The one helper for multi-process tests: run `module` on `nproc` real gloo ranks and wait for it.
+
+    The ranks are forked from a pre-warmed server (tests/distributed_runner.py): the same environment, exit
+    codes and output as under torchrun, without its ~10 s of start-up per run. `launcher="torchrun"` runs the
+    real `torchrun --standalone` instead, for a test whose subject is the launcher or that sets environment
+    variables a library reads at import; RUN_DISTRIBUTED_LAUNCHER=torchrun does it for every test (to check
+    that a result does not depend on the runner, or to time both)."""
+    launcher = launcher or os.environ.get("RUN_DISTRIBUTED_LAUNCHER", "fork")
+    if launcher == "torchrun":
+        done = subprocess.run(
+            torchrun_command(nproc, module, *args),
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    elif launcher == "fork":
+        done = run_ranks(nproc, module, args, timeout=timeout, env=env)
+    else:
+        raise ValueError(f"launcher={launcher!r}: expected 'fork' or 'torchrun'")
     if check and done.returncode != 0:
         raise AssertionError(
             f"{module} {' '.join(args)} on {nproc} ranks exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"

@@ -114,6 +114,7 @@ def test_pretrain_reads_only_the_manifest_and_the_text_cleaning_of_data_prep() -
 
 def test_each_run_directory_name_is_spelled_in_one_module() -> None:
     names = ("metrics.jsonl", "status.json", "trainer_state.json", "config.yaml", "COMPLETE", "run_id", "latest")
+    names += ("process.json", "sweep.json")
     spelled: dict[str, list[str]] = {name: [] for name in names}
     for module, tree in _modules().items():
         strings = _strings(tree)

@@ -20,11 +20,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from pathlib import Path
 from typing import Any
 
-from common.errors import UserError
-from common.files import fsync_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
+from common.files import fsync_dir, stale_temporaries, write_bytes_atomic, write_json_atomic, write_text_atomic
 from pretrain.core.checkpoint_writes import CheckpointNotSaved, WriteGuard, describe_write_error, remove_uncommitted
 from pretrain.core.distributed import World, barrier, problems_on_ranks
 from pretrain.core.faults import fires_once
@@ -72,6 +70,7 @@ class Checkpointer:
         if checkpoint.path.exists():  # an uncommitted leftover of a crashed save, or a re-save of this step
             checkpoint.complete_marker.unlink(missing_ok=True)
             shutil.rmtree(checkpoint.path)
+        checkpoint.portable.unlink(missing_ok=True)  # converted from an earlier content of this step
 
     def _commit(self, checkpoint: CheckpointDir, state: dict[str, Any], tokenizer: bytes) -> None:
         write_bytes_atomic(checkpoint.tokenizer, tokenizer)
@@ -97,16 +96,16 @@ class Checkpointer:
             f"{self.run_dir.checkpoints} writable, then run the same command to resume"
         )
 
-    def amend_state(self, checkpoint: CheckpointDir, trainer_state: dict[str, Any]) -> str | None:
-        """Collective, once every rank has loaded `checkpoint`: the main rank replaces its trainer state (a
-        rollback's data skip, which a resume from this checkpoint must repeat), atomically. Returns what went
-        wrong on the main rank, or None."""
+    def amend_state(self, checkpoint: CheckpointDir, fields: dict[str, Any]) -> str | None:
+        """Collective, once every rank has loaded `checkpoint`: the main rank replaces these fields of its state
+        (a rollback's trainer state with its data skip, which a resume from this checkpoint must repeat, and the
+        data mixture it skips in), atomically. Returns what went wrong on the main rank, or None."""
         barrier()  # no rank may read the amended state in place of the one it rolled back to
         if not self.world.is_main:
             return None
         try:
             state = checkpoint.read_state()
-            write_json_atomic(checkpoint.state_file, {**state, "trainer": trainer_state})
+            write_json_atomic(checkpoint.state_file, {**state, **fields})
         except OSError as error:
             return describe_write_error(checkpoint.state_file, error)
         return None
@@ -117,6 +116,8 @@ class Checkpointer:
             # Uncommit first, so a crash mid-delete never leaves a "complete" checkpoint with missing files.
             old.complete_marker.unlink(missing_ok=True)
             shutil.rmtree(old.path, ignore_errors=True)
+            for converted in [old.portable, *stale_temporaries(old.portable)]:
+                converted.unlink(missing_ok=True)
 
     def load(self, engine: Any, checkpoint: CheckpointDir) -> dict[str, Any]:
         """Collective: restore engine (model, optimizer, scheduler) and return our trainer state."""
@@ -130,31 +131,3 @@ class Checkpointer:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint.path}")
         return checkpoint.read_state()
-
-
-def check_resume_layout(checkpoint: CheckpointDir, config: Any, data_parallel_size: int) -> None:
-    """Refuse, in one line, a resume DeepSpeed cannot load: another pipeline layout or ZeRO stage, or ZeRO-1/2/3
-    optimizer state partitioned over another number of data-parallel ranks (DeepSpeed cannot re-partition it,
-    and would fail half-way through loading). `config` is the run's RunConfig."""
-    saved = checkpoint.read_state()
-    path: Path = checkpoint.path
-    saved_zero = int(saved.get("zero_stage", 0))
-    saved_stages = int(saved.get("pipeline_stages", 1))
-    saved_data = int(saved.get("world_size", 1)) // max(1, saved_stages)
-    if saved_stages != config.parallel.pipeline_stages:
-        raise UserError(
-            f"parallel.pipeline_stages={config.parallel.pipeline_stages}: checkpoint {path} was written "
-            f"with {saved_stages} pipeline stage(s); resume with parallel.pipeline_stages={saved_stages}"
-        )
-    if saved_zero != config.zero_stage:
-        raise UserError(
-            f"zero_stage={config.zero_stage}: checkpoint {path} was written with zero_stage={saved_zero}; "
-            f"resume with zero_stage={saved_zero}"
-        )
-    if saved_zero >= 1 and saved_data != data_parallel_size:
-        raise UserError(
-            f"checkpoint {path} holds ZeRO-{saved_zero} optimizer state partitioned over {saved_data} "
-            f"data-parallel ranks, and DeepSpeed cannot re-partition it for {data_parallel_size}: resume on "
-            f"{saved_data * saved_stages} ranks (the data cursor itself is independent of the world size; "
-            "ZeRO-0 runs resume on any number of ranks)"
-        )

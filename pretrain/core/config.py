@@ -2,25 +2,29 @@
 
 `conf/train.yaml` composes it: `model=<preset>` picks conf/model/<preset>.yaml, `experiment=<name>` applies
 conf/experiment/<name>.yaml. Each dataclass checks its own fields in `problems()`; `run_problems` adds the checks
-that span fields, need the dataset's manifest or the world size. `validate_run` raises all of them in one
-message, at start-up, before any process group or engine exists.
+that span fields, need the datasets (one or a mixture: mixture.py), the world size or the checkpoint the run
+resumes from. `validate_run` raises all of them in one message, at start-up, before any process group or engine
+exists.
 
 This module imports no torch, no W&B and no CodeCarbon: `python -m launch` loads and validates it on a login node.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from common.errors import ConfigProblems
-from data_prep.manifest import Manifest
+from common.errors import ConfigProblems, UserError
 from pretrain.core.callbacks.carbon import CarbonConfig
 from pretrain.core.callbacks.spikes import RollbackConfig
 from pretrain.core.callbacks.wandb_run import WandbConfig
+from pretrain.core.layout import resume_problems
+from pretrain.core.mixture import DataSources
 from pretrain.core.model_config import ModelConfig
+from pretrain.core.run_dir import RunDir
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -173,6 +177,15 @@ class RunConfig:
 
     # A dataset directory written by `python -m data_prep` (manifest.json, shards, tokenizer.model).
     data_dir: str = "data"
+    # A mixture instead of data_dir: several dataset directories prepared with one tokenizer and one seq_len
+    # (data_prep's tokenizer.model_path reuses one). Each source is named by its directory's name in metrics:
+    # tokens/<name>, val_loss/<name>, val_perplexity/<name>.
+    data_dirs: list[str] = field(default_factory=list)
+    # One weight per data_dirs entry, > 0, normalized to sum 1: each source's share of the training samples.
+    data_weights: list[float] = field(default_factory=list)
+    # Let a resumed run train on other data_weights (or data_dirs) than its checkpoint's: the new mixture
+    # starts at the resumed step, each source continuing where it was. Without it such a resume is refused.
+    data_reweight: bool = False
     # Checkpoints, metrics.jsonl and the resolved config; running again resumes from here.
     run_dir: str = "runs/default"
     seed: int = 1234
@@ -213,8 +226,40 @@ class RunConfig:
             "must be >= 1",
         )
         problems.extend(self.parallel.problems())
+        problems.extend(self.data_problems())
         problems.extend(self.wandb.problems())
         problems.extend(self.carbon.problems())
+        return problems
+
+    def data_problems(self) -> ConfigProblems:
+        problems = ConfigProblems()
+        if not self.data_dirs:
+            problems.check(
+                not self.data_weights,
+                "data_weights",
+                list(self.data_weights),
+                "weighs the sources of data_dirs=[...], which is not given: give data_dirs, or drop data_weights",
+            )
+            return problems
+        problems.check(
+            self.data_dir == RunConfig.data_dir,
+            "data_dir",
+            self.data_dir,
+            "and data_dirs are both given: give data_dir=DIR for one dataset or data_dirs=[...] for a mixture",
+        )
+        problems.check(
+            len(self.data_weights) == len(self.data_dirs),
+            "data_weights",
+            list(self.data_weights),
+            f"has {len(self.data_weights)} weights for {len(self.data_dirs)} data_dirs: give one weight per directory",
+        )
+        bad = [w for w in self.data_weights if not (math.isfinite(w) and w > 0)]
+        problems.check(
+            not bad,
+            "data_weights",
+            list(self.data_weights),
+            f"every weight must be > 0 (got {', '.join(map(str, bad))}); leave a source out rather than weigh it 0",
+        )
         return problems
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -224,14 +269,17 @@ class RunConfig:
         return self.train.global_batch_size // (self.train.micro_batch_size * data_parallel_size)
 
 
-def validate_run(config: RunConfig, manifest: Manifest | None, world_size: int) -> None:
-    """Every check that needs the dataset and the world size, all reported at once."""
-    run_problems(config, manifest, world_size).raise_if_any()
+def validate_run(config: RunConfig, sources: DataSources | None, world_size: int) -> None:
+    """Every check that needs the datasets, the run directory and the world size, all reported at once."""
+    run_problems(config, sources, world_size).raise_if_any()
 
 
-def run_problems(config: RunConfig, manifest: Manifest | None, world_size: int) -> ConfigProblems:
-    """The problems `validate_run` reports (for launchers that add their own to the same message)."""
+def run_problems(config: RunConfig, sources: DataSources | None, world_size: int) -> ConfigProblems:
+    """The problems `validate_run` reports (for launchers that add their own to the same message). `sources`:
+    the config's datasets, loaded once by the caller (loaded here when None)."""
     problems = config.problems()
+    if sources is None:
+        sources = DataSources.from_config(config)
     train, model = config.train, config.model
     stages = config.parallel.pipeline_stages
     if stages > 1:
@@ -271,9 +319,9 @@ def run_problems(config: RunConfig, manifest: Manifest | None, world_size: int) 
             f"({data_parallel} = world size {world_size} / pipeline stages {stages}) = {per_step}",
         )
     problems.extend(rollback_problems(config))
-    if manifest is None:
-        problems.add("data_dir", config.data_dir, "holds no manifest.json: run python -m data_prep first")
-    else:
+    problems.extend(sources.problems())
+    if sources.ready:
+        manifest = sources.manifest  # what every source shares: vocabulary, seq_len
         if model.vocab_size is not None and model.vocab_size != manifest.vocab_size:
             problems.add(
                 "model.vocab_size",
@@ -286,8 +334,10 @@ def run_problems(config: RunConfig, manifest: Manifest | None, world_size: int) 
                 model.max_seq_len,
                 f"is shorter than the dataset's seq_len ({manifest.seq_len}); raise it or prepare shorter samples",
             )
-        if not manifest.splits.get("train") or manifest.splits["train"].samples == 0:
-            problems.add("data_dir", config.data_dir, "has no training samples")
+        if not problems.messages:
+            problems.extend(_resume_problems(config, sources))
+    # The checkpoint the run resumes from: any layout converts, another model or tokenizer cannot continue.
+    problems.extend(resume_problems(config, sources.manifest if sources.ready else None, world_size))
     return problems
 
 
@@ -310,6 +360,20 @@ def rollback_problems(config: RunConfig) -> ConfigProblems:
         f"must be below train.max_nonfinite_steps ({config.train.max_nonfinite_steps}), which stops the run first",
     )
     return problems
+
+
+def _resume_problems(config: RunConfig, sources: DataSources) -> ConfigProblems:
+    """Whether the run directory's latest checkpoint can continue with these sources and weights."""
+    latest = RunDir(config.run_dir).latest_checkpoint()
+    if latest is None:
+        return ConfigProblems()
+    try:
+        saved = sources.saved_state(latest.read_state(), config.seed)
+    except UserError as error:
+        problems = ConfigProblems()
+        problems.add("run_dir", config.run_dir, str(error))
+        return problems
+    return sources.resume_problems(saved, config.data_reweight, f"checkpoint {latest.path}")
 
 
 def register_configs() -> None:

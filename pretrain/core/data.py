@@ -7,7 +7,8 @@ sample's byte offset is indexed once from the tar headers, so any sample is one 
 
 - the order of epoch `e` is a permutation of all training samples seeded by `(seed, e)`;
 - the *global position* `p` (a count of samples consumed since the start, across epochs) maps to sample
-  `perm_{p // N}[p % N]`;
+  `perm_{p // N}[p % N]` (sample_order.py; a mixture of several datasets first deals p to a source:
+  mixture.py);
 - an optimizer step consumes positions `[c, c + global_batch)`; micro-batch `m` of data-parallel rank `r`
   takes `c + (m * dp + r) * micro_batch + [0, micro_batch)`.
 
@@ -25,9 +26,11 @@ import hashlib
 import io
 import os
 import signal
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +38,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.errors import UserError
 from data_prep.manifest import Manifest, sha256_file
+from pretrain.core.sample_order import GlobalOrder
+
+if TYPE_CHECKING:
+    from pretrain.core.mixture import DataSources
 
 BLOCK = 512
 # A collated micro-batch: input_ids (B, T), targets (B, T), segment_ids (B, T), indices (B,) sample numbers.
@@ -157,38 +164,6 @@ def build_index(
     return index
 
 
-def open_splits(
-    root: Path, manifest: Manifest, cache_dir: Path, rank: int, world_size: int, agree: Callable[[str | None], None]
-) -> tuple[TokenSamples, TokenSamples | None]:
-    """Collective: the train split and the val split (None when empty), as every rank of a run opens them.
-
-    The first time, the ranks share out the sha256 checks of the shards, then rank 0 indexes them (the others
-    read its cached index). `agree(problem)` is called by every rank alike with its problem or None, and raises
-    on every rank when any has one (distributed.raise_on_every_rank), so that no rank waits for the others."""
-    has_val = bool(manifest.splits.get("val") and manifest.splits["val"].samples)
-    splits = ["train", "val"] if has_val else ["train"]
-    problem = None
-    try:
-        if any(not index_file(manifest, split, cache_dir).is_file() for split in splits):
-            for split in splits:
-                check_shards(root, manifest, split, True, rank, world_size)
-    except UserError as error:
-        problem = str(error)
-    agree(problem)
-    try:
-        if rank == 0:
-            for split in splits:
-                build_index(root, manifest, split, cache_dir, verified=True)
-    except UserError as error:
-        problem = str(error)
-    except OSError as error:
-        problem = f"the shard index cannot be written to {cache_dir} ({error}); free space there"
-    agree(problem)
-    train = TokenSamples(build_index(root, manifest, "train", cache_dir), manifest.seq_len)
-    val = TokenSamples(build_index(root, manifest, "val", cache_dir), manifest.seq_len) if has_val else None
-    return train, val
-
-
 class TokenSamples(Dataset):
     """Map-style view of one split: `dataset[i]` is (tokens (L+1,), segment ids (L,)) of sample i."""
 
@@ -232,27 +207,93 @@ class TokenSamples(Dataset):
         for descriptor in self._handles.values():
             os.close(descriptor)
 
+    def trace_labels(self, indices: list[int]) -> list[int] | list[str]:
+        """How the sample trace (train.trace_samples) names these samples: their numbers."""
+        return indices
 
-class GlobalOrder:
-    """Global position -> sample index: a fresh permutation per epoch, seeded by (seed, epoch)."""
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
-        if num_samples <= 0:
-            raise UserError("the training split has no samples; prepare the dataset again")
-        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
-        self._epoch, self._permutation = -1, np.arange(0)
+class MixedSamples(Dataset):
+    """Several sources' training samples as one map-style dataset: sample id = its source's offset + its number
+    in the source (the offsets are the sources' sizes summed in order)."""
 
-    def __call__(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_samples)
-        if not self.shuffle:
-            return offset
-        if epoch != self._epoch:
-            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            self._epoch = epoch
-        return int(self._permutation[offset])
+    def __init__(self, parts: list[TokenSamples], names: list[str]) -> None:
+        self.parts, self.names = parts, names
+        self.offsets = [0]
+        for part in parts:
+            self.offsets.append(self.offsets[-1] + len(part))
 
-    def epoch(self, position: int) -> int:
-        return position // self.num_samples
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(source, sample number in it) of sample id i."""
+        source = bisect_right(self.offsets, i) - 1
+        return source, i - self.offsets[source]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        source, number = self.locate(i)
+        tokens, segments, _ = self.parts[source][number]
+        return tokens, segments, i
+
+    def trace_labels(self, indices: list[int]) -> list[str]:
+        """`<source name>/<sample number>`: the trace shows which source each sample came from."""
+        return [f"{self.names[s]}/{n}" for s, n in map(self.locate, indices)]
+
+
+def _raise(problem: str | None) -> None:
+    if problem is not None:
+        raise UserError(problem)
+
+
+def open_sources(
+    sources: DataSources,
+    cache: Path | None,
+    rank: int = 0,
+    world_size: int = 1,
+    agree: Callable[[str | None], None] = _raise,
+) -> tuple[TokenSamples | MixedSamples, dict[str, TokenSamples]]:
+    """Collective: the training dataset (one source's samples, or a mixture's concatenated in config order) and
+    each source's validation split (by source name; sources without one left out), as every rank opens them.
+
+    Every split of every source that the cache does not hold yet is verified first: the ranks share out the
+    sha256 checks of its shards, then rank 0 indexes it (the others read its cached index). `agree(problem)` is
+    called by every rank alike with its problem or None, and raises on every rank when any has one
+    (distributed.raise_on_every_rank), so that no rank waits for the others. Without a cache every rank checks
+    and indexes on its own."""
+    seq_len = sources.manifest.seq_len
+    splits = [(s, split) for s in sources.sources for split in (("train", "val") if s.has_val else ("train",))]
+    if cache is None:
+        rank, world_size = 0, 1
+    problem = None
+    try:
+        for source, split in splits:
+            assert source.manifest is not None
+            if cache is None or not index_file(source.manifest, split, cache).is_file():
+                check_shards(source.path, source.manifest, split, True, rank, world_size)
+    except UserError as error:
+        problem = str(error)
+    agree(problem)
+    try:
+        if rank == 0 and cache is not None:
+            for source, split in splits:
+                assert source.manifest is not None
+                build_index(source.path, source.manifest, split, cache, verified=True)
+    except UserError as error:
+        problem = str(error)
+    except OSError as error:
+        problem = f"the shard index cannot be written to {cache} ({error}); free space there"
+    agree(problem)
+    parts, validation = [], {}
+    for source in sources.sources:
+        assert source.manifest is not None
+        # From the cache now (presence and size checked); without one, verified just above.
+        verified = cache is None
+        parts.append(TokenSamples(build_index(source.path, source.manifest, "train", cache, verified), seq_len))
+        if source.has_val:
+            val = build_index(source.path, source.manifest, "val", cache, verified)
+            validation[source.name] = TokenSamples(val, seq_len)
+    train = MixedSamples(parts, sources.names) if sources.is_mixture else parts[0]
+    return train, validation
 
 
 @dataclass(frozen=True)
@@ -277,7 +318,7 @@ class BatchLayout:
 class CursorSampler(Sampler[int]):
     """This rank's sample indices from global position `start` on, step after step (endless)."""
 
-    def __init__(self, order: GlobalOrder, layout: BatchLayout, start: int) -> None:
+    def __init__(self, order: Callable[[int], int], layout: BatchLayout, start: int) -> None:
         self.order, self.layout, self.start = order, layout, start
 
     def __iter__(self) -> Iterator[int]:
@@ -308,9 +349,17 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 def train_loader(
-    dataset: TokenSamples, layout: BatchLayout, seed: int, start: int, workers: int, pin_memory: bool
+    dataset: Dataset,
+    layout: BatchLayout,
+    seed: int,
+    start: int,
+    workers: int,
+    pin_memory: bool,
+    order: Callable[[int], int] | None = None,
 ) -> DataLoader:
-    sampler = CursorSampler(GlobalOrder(len(dataset), seed), layout, start)
+    """Batches from global position `start` on, in `order` (position -> sample id; by default one source's
+    permutations seeded by `seed`)."""
+    sampler = CursorSampler(order or GlobalOrder(len(dataset), seed), layout, start)  # type: ignore[arg-type]
     return DataLoader(
         dataset,
         batch_size=layout.micro_batch_size,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from common.errors import UserError
 from pretrain.core.config import RunConfig
 from pretrain.core.library_internals import checkpoint_wrapper_tools, pipeline_grid
 from pretrain.core.model import GPT
@@ -80,7 +81,11 @@ class GuardedAdamW(torch.optim.AdamW):
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (linear and embedding weights) only, never on biases or LayerNorm."""
+    """Weight decay on matrices (linear and embedding weights) only, never on biases or LayerNorm.
+
+    A group left empty is dropped here: a pipeline stage may hold only matrices (a stage of just the tied
+    embedding or head). DeepSpeed drops empty groups itself, but only after the LR scheduler was built with one
+    lambda per group, which then fails at the first step (`zip() argument 2 is longer than argument 1`)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
@@ -89,10 +94,27 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
             continue
         seen.add(id(parameter))
         (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [group for group in groups if group["params"]]
+
+
+def require_the_same_groups_on_every_stage(groups: int, config: RunConfig) -> None:
+    """Collective. DeepSpeed's ZeRO optimizer (and its fp16 one) all-reduces the gradient norm of each parameter
+    group across the pipeline stages: a stage with fewer groups (only matrices: just the tied embedding or head)
+    would leave the others waiting forever at the first step. Refused here, on every rank, with the fix."""
+    from pretrain.core.distributed import all_reduce_max
+
+    if all_reduce_max(groups) != -all_reduce_max(-groups):
+        optimizer = f"zero_stage={config.zero_stage}" if config.zero_stage else "precision=fp16"
+        raise UserError(
+            f"parallel.partition_method={config.parallel.partition_method}: a pipeline stage holds only weight "
+            f"matrices (no biases or norms), which {optimizer} cannot train (DeepSpeed reduces gradient norms "
+            "group by group across stages); use partition_method=type:BlockPipe (a block on every stage) or "
+            "zero_stage=0"
+        )
 
 
 def lr_multiplier(step: int, warmup: int, decay: int, min_ratio: float) -> float:
@@ -174,6 +196,8 @@ def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device:
     }
     guarded = config.zero_stage == 0 and config.precision == "fp32"
     grid = pipeline_grid(wrapped)  # a PipelineModule's pipeline x data grid
+    if grid is not None and (config.zero_stage >= 1 or config.precision == "fp16"):
+        require_the_same_groups_on_every_stage(len(groups), config)
     optimizer = (
         GuardedAdamW(groups, train.grad_clip, mpu=grid, **settings)
         if guarded

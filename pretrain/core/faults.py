@@ -7,6 +7,9 @@
     PRETRAIN_FAULT=kill_during_save:5     rank 0 kills itself (SIGKILL) after DeepSpeed wrote the checkpoint of
                                           step 5, before it is committed (the checkpointer does it)
     PRETRAIN_FAULT='spike_loss:7;kill_during_save:5'   several at once
+    PRETRAIN_FAULT=kill_during_conversion:7
+                                          rank 0 kills itself (SIGKILL) after writing 7 tensors of a checkpoint's
+                                          portable form (the converter does it)
 
 A loss fault belongs to a batch of the data order (a bad batch), not to a step number: after a rollback that
 skips it, it does not come back. A kill fires once per run directory (RUN/faults/ records it), so that the
@@ -28,6 +31,7 @@ class Faults:
     nan_loss_steps: frozenset[int] = field(default_factory=frozenset)
     spike_loss_steps: frozenset[int] = field(default_factory=frozenset)
     kill_during_save_step: int | None = None
+    kill_during_conversion_after: int | None = None
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -39,16 +43,19 @@ class Faults:
                 numbers = [int(s) for s in steps.split(",") if s.strip()]
             except ValueError:
                 numbers = []
-            if name not in ("nan_loss", "spike_loss", "kill_during_save") or not numbers:
+            if name not in ("nan_loss", "spike_loss", "kill_during_save", "kill_during_conversion") or not numbers:
                 raise ValueError(
-                    f"{FAULT_ENV}={spec!r}: expected nan_loss:<step>[,<step>...], spike_loss:<step>[,...] or "
-                    "kill_during_save:<step>, several separated by ';'"
+                    f"{FAULT_ENV}={spec!r}: expected nan_loss:<step>[,<step>...], spike_loss:<step>[,...], "
+                    "kill_during_save:<step> or kill_during_conversion:<tensors>, several separated by ';'"
                 )
             found[name] = numbers
         return cls(
             nan_loss_steps=frozenset(found.get("nan_loss", ())),
             spike_loss_steps=frozenset(found.get("spike_loss", ())),
             kill_during_save_step=found["kill_during_save"][0] if "kill_during_save" in found else None,
+            kill_during_conversion_after=found["kill_during_conversion"][0]
+            if "kill_during_conversion" in found
+            else None,
         )
 
     def loss_multiplier(self, cursor: int, global_batch_size: int) -> float:

@@ -14,13 +14,24 @@ functions: importing this module costs nothing (configs import it without torch)
 |                              |             | DeepSpeedEngine._copy_recovery_script                        |
 | deepspeed_checkpoint_globals | DeepSpeed   | the classes DeepSpeed pickles into its checkpoint files      |
 | weights_only_loads           | PyTorch     | TORCH_FORCE_WEIGHTS_ONLY_LOAD overriding weights_only=False  |
+| optimizer_kind               | DeepSpeed   | the class names of its optimizer wrappers                    |
+| master_partitions            | DeepSpeed   | single_partition_of_fp32_groups (ZeRO-1/2),                  |
+|                              |             | fp32_groups_flat_partition (BF16_Optimizer),                 |
+|                              |             | fp32_partitioned_groups_flat, sub_group_to_group_id (ZeRO-3) |
+| link_fragment_state          | DeepSpeed   | _hp_optimizer_states_linked,                                 |
+|                              |             | _lazy_init_hp_params_optimizer_state                         |
+| unfused_masters              | DeepSpeed   | FP16_UnfusedOptimizer.fp16_groups, fp32_groups               |
+| zero3_partition              | DeepSpeed   | ZeRO-3 parameters' ds_tensor, ds_process_group               |
 | shutdown_loader_workers      | PyTorch     | _MultiProcessingDataLoaderIter._shutdown_workers             |
 | bound_torchrun_exit_barrier  | PyTorch     | SimpleElasticAgent._exit_barrier, _exit_barrier_timeout      |
 | checkpoint_wrapper_tools     | PyTorch     | torch.distributed.algorithms._checkpoint.checkpoint_wrapper  |
+| wrapper_name_parts           | PyTorch     | OptimizedModule._orig_mod, CheckpointWrapper's module name   |
 | codecarbon_has_started       | CodeCarbon  | BaseEmissionsTracker._start_time                             |
 | codecarbon_measure_now       | CodeCarbon  | _measure_power_and_energy, _prepare_emissions_data,          |
 |                              |             | _persist_data, _compute_emissions_delta, _experiment_name    |
 | codecarbon_countries         | CodeCarbon  | the file data/private_infra/global_energy_mix.json           |
+| wandb_records,               | W&B         | the framing of a run's `.wandb` transaction log (LevelDB's   |
+| wandb_last_history_step      |             | log format) and wandb.proto.wandb_internal_pb2.Record        |
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ import contextlib
 import importlib.util
 import json
 import os
+import struct
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -101,6 +114,64 @@ def deepspeed_checkpoint_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def optimizer_kind(optimizer: Any) -> str:
+    """Which optimizer DeepSpeed wrapped ours in, by what it means for the master weights and AdamW's state:
+    "torch" (ZeRO-0 fp32: our AdamW itself, the module's weights are the masters), "unfused" (ZeRO-0 bf16/fp16:
+    FP16_UnfusedOptimizer, one fp32 copy per parameter), "fragments" (ZeRO-1/2, and BF16_Optimizer for bf16
+    pipelines: flat fp32 partitions that parameters map fragments of) or "zero3"."""
+    import torch
+
+    name = type(optimizer).__name__
+    kinds = {
+        "DeepSpeedZeroOptimizer_Stage3": "zero3",
+        "DeepSpeedZeroOptimizer": "fragments",
+        "BF16_Optimizer": "fragments",
+        "FP16_UnfusedOptimizer": "unfused",
+    }
+    if name in kinds:
+        return kinds[name]
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return "torch"
+    raise NotImplementedError(f"DeepSpeed optimizer {name} is not supported for resuming on another layout")
+
+
+def master_partitions(optimizer: Any) -> list[tuple[Any, int]]:
+    """(flat fp32 tensor, index of its parameter group) for each flat buffer this rank's base AdamW steps."""
+    kind, name = optimizer_kind(optimizer), type(optimizer).__name__
+    if kind == "zero3":
+        flats = optimizer.fp32_partitioned_groups_flat
+        return [(flat, optimizer.sub_group_to_group_id[i]) for i, flat in enumerate(flats)]
+    if name == "BF16_Optimizer":
+        return [(flat, i) for i, flat in enumerate(optimizer.fp32_groups_flat_partition)]
+    return [(flat, i) for i, flat in enumerate(optimizer.single_partition_of_fp32_groups)]
+
+
+def link_fragment_state(optimizer: Any) -> None:
+    """Point every parameter's fragment mapping at AdamW's (new) state tensors, so that
+    deepspeed.utils.safe_{get,set}_full_optimizer_state reach them. DeepSpeed links them once, after the first
+    step of the first parameter group only: parameters of later groups would otherwise stay unlinked."""
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def unfused_masters(optimizer: Any) -> list[tuple[Any, Any]]:
+    """(low-precision parameter, its fp32 master copy) for every parameter of an FP16_UnfusedOptimizer."""
+    return [
+        (low, master)
+        for low_group, master_group in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
+        for low, master in zip(low_group, master_group, strict=True)
+    ]
+
+
+def zero3_partition(parameter: Any) -> tuple[Any, int, int]:
+    """(this rank's partition of a ZeRO-3 parameter, this rank's index, the number of partitions): every rank
+    holds ceil(numel / partitions) elements, the last one padded."""
+    import torch.distributed as dist
+
+    group = parameter.ds_process_group
+    return parameter.ds_tensor, dist.get_rank(group=group), dist.get_world_size(group=group)
+
+
 # -------------------------------------------------------------------------------------------------- PyTorch
 
 
@@ -166,6 +237,13 @@ def checkpoint_wrapper_tools() -> tuple[Callable[..., Any], Callable[..., Any], 
     return apply_activation_checkpointing, checkpoint_wrapper, CheckpointImpl
 
 
+def wrapper_name_parts() -> tuple[str, ...]:
+    """What torch's module wrappers insert into parameter names (and so into DeepSpeed's checkpoint files):
+    torch.compile's OptimizedModule holds the model as `_orig_mod`, activation checkpointing's CheckpointWrapper
+    holds each block as `_checkpoint_wrapped_module`. (Their state_dict() hides the latter, not the former.)"""
+    return ("_orig_mod.", "_checkpoint_wrapped_module.")
+
+
 # ----------------------------------------------------------------------------------------------- CodeCarbon
 
 
@@ -195,3 +273,64 @@ def codecarbon_countries() -> set[str]:
         raise RuntimeError("CodeCarbon is not installed: pip install codecarbon (or set carbon.enabled=false)")
     table = Path(next(iter(spec.submodule_search_locations))) / "data" / "private_infra" / "global_energy_mix.json"
     return set(json.loads(table.read_text(encoding="utf-8")))
+
+
+# ------------------------------------------------------------------------------------------------------- W&B
+
+_WANDB_HEADER = 7  # ":W&B", magic 0xBEE1, version
+_WANDB_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_records(path: Path, start: int = 0) -> Iterator[Any]:
+    """The records of a run's `.wandb` transaction log, as wandb's own `Record` protobufs, from the first record
+    that begins at or after byte `start` (rounded down to a block). A record cut short at the end (a run killed
+    while writing) or a corrupt chunk ends the iteration.
+
+    wandb 0.31 has no Python reader left (wandb-core writes the file); the framing is LevelDB's log format, which
+    its datastore always used: the header, then 32 KiB blocks of chunks, each with crc32, length and type (full,
+    first, middle, last); a block's tail too short for a chunk header is padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    base = max(0, start - start % _WANDB_BLOCK)  # blocks are aligned on file offsets, the header inside the first
+    with open(path, "rb") as handle:
+        if handle.read(4) != b":W&B":
+            return
+        handle.seek(base)
+        data = handle.read()
+    position = max(_WANDB_HEADER - base, 0)  # offsets into data; data[0] is file offset `base`
+    pending: bytes | None = None  # None until a record's first chunk: a tail read starts mid-record
+    while position + 7 <= len(data):
+        left_in_block = _WANDB_BLOCK - (base + position) % _WANDB_BLOCK
+        if left_in_block < 7:
+            position += left_in_block
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
+            return
+        if kind in (_FULL, _FIRST):
+            pending = chunk
+        elif pending is not None:
+            pending += chunk
+        if kind in (_FULL, _LAST) and pending is not None:
+            record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
+            record.ParseFromString(pending)
+            pending = None
+            yield record
+
+
+def wandb_last_history_step(path: Path) -> int | None:
+    """The step of the last history row in a `.wandb` file (rows only grow in one file), reading from its end
+    backwards a block at a time: a long run's file is read in kilobytes, not in full. None: no row."""
+    size = path.stat().st_size
+    start = size - size % _WANDB_BLOCK
+    while True:
+        steps = [r.history.step.num for r in wandb_records(path, start) if r.WhichOneof("record_type") == "history"]
+        if steps:
+            return max(steps)
+        if start <= 0:
+            return None
+        start -= _WANDB_BLOCK

@@ -23,11 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.core.library_internals import local_layer_range
+from pretrain.core.library_internals import local_layer_range, wrapper_name_parts
 from pretrain.core.model import GPT, Block, embedding_layers, final_norm
 from pretrain.core.model_config import ModelConfig
 
 TIED_KEY = "embedding"
+# The one weight the first and last stage share (the output head reads only the token embedding: the last
+# stage's copy of the position embedding is never used nor trained).
+TIED_WEIGHT = "wte.weight"
 
 
 class EmbeddingPipe(nn.Module):
@@ -81,10 +84,10 @@ def build_pipeline(plain: GPT, stages: int, partition_method: str, checkpoint_in
 
     config = plain.config
     specs = [
-        TiedLayerSpec(TIED_KEY, EmbeddingPipe, config, tied_weight_attr="wte.weight"),
+        TiedLayerSpec(TIED_KEY, EmbeddingPipe, config, tied_weight_attr=TIED_WEIGHT),
         *[LayerSpec(BlockPipe, config) for _ in range(config.n_layer)],
         LayerSpec(FinalNormPipe, config),
-        TiedLayerSpec(TIED_KEY, EmbeddingPipe, config, forward_fn=head_forward, tied_weight_attr="wte.weight"),
+        TiedLayerSpec(TIED_KEY, EmbeddingPipe, config, forward_fn=head_forward, tied_weight_attr=TIED_WEIGHT),
     ]
     module = PipelineModule(
         layers=specs,
@@ -114,20 +117,48 @@ def plain_layer_sources(plain: GPT) -> list[nn.Module]:
 
 
 _LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_\d+)?-model_states\.pt$")
+_TIED_PREFIX = f"tied_modules.{TIED_KEY}."
+
+
+def plain_prefix(index: int, n_layer: int) -> str:
+    """The plain GPT's name prefix of pipeline layer `index`: the embedding's and the final norm's attributes are
+    named as in GPT (wte, wpe, ln_f), block layers are blocks.<index - 1>."""
+    return f"blocks.{index - 1}." if 1 <= index <= n_layer else ""
+
+
+def plain_parameter_name(name: str, n_layer: int) -> str:
+    """A parameter's name as DeepSpeed records it -> the plain GPT's: pipeline names (`tied_modules.embedding.wte
+    .weight`, `3.attn.qkv.weight`) and the prefixes torch.compile and activation checkpointing put in."""
+    for wrapper in wrapper_name_parts():
+        name = name.replace(wrapper, "")
+    if name.startswith(_TIED_PREFIX):
+        return name[len(_TIED_PREFIX) :]
+    index, dot, rest = name.partition(".")
+    return plain_prefix(int(index), n_layer) + rest if dot and index.isdigit() else name
+
+
+def plain_layer_names(plain: GPT) -> list[list[str]]:
+    """For each pipeline layer index, the plain GPT's names of the parameters that layer holds, in the order
+    the layer registers them (the tied head repeats the embedding's)."""
+    names = {id(p): n for n, p in plain.named_parameters()}
+    return [[names[id(p)] for p in source.parameters()] for source in plain_layer_sources(plain)]
 
 
 def plain_state_dict(checkpoint: Path, n_layer: int) -> dict[str, torch.Tensor]:
-    """Map a pipeline checkpoint's per-layer files back onto the plain GPT's parameter names."""
+    """Map a pipeline checkpoint's per-layer files back onto the plain GPT's parameter names (the tied embedding
+    is saved by the first stage, as layer 0)."""
     state: dict[str, torch.Tensor] = {}
     files = {int(m.group(1)): p for p in checkpoint.iterdir() if (m := _LAYER_FILE.match(p.name))}
     for index, path in sorted(files.items()):
         weights = torch.load(path, map_location="cpu", weights_only=True)
-        if index == 0 or index == n_layer + 2:  # the tied embedding (saved by the first and last stage)
-            prefix = ""
-        elif index <= n_layer:
-            prefix = f"blocks.{index - 1}."
-        else:  # the final norm: its attribute is already named ln_f
-            prefix = ""
         for key, value in weights.items():
-            state[prefix + key] = value
+            state[plain_prefix(index, n_layer) + key] = value
     return state
+
+
+def layer_file(checkpoint: Path, index: int) -> Path:
+    """The file of pipeline layer `index` in a checkpoint directory (DeepSpeed's naming, tensor parallel rank 0)."""
+    for candidate in (f"layer_{index:02d}-model_states.pt", f"layer_{index:02d}-model_00-model_states.pt"):
+        if (checkpoint / candidate).is_file():
+            return checkpoint / candidate
+    raise FileNotFoundError(checkpoint / f"layer_{index:02d}-model_states.pt")

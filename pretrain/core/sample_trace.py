@@ -17,7 +17,8 @@ class SampleTrace:
         self.path = path
         self.enabled = enabled
 
-    def append(self, step: int, samples: list[int]) -> None:
+    def append(self, step: int, samples: list[int] | list[str]) -> None:
+        """`samples`: their numbers, or a mixture's `<source>/<number>` labels (data.MixedSamples.trace_labels)."""
         if self.enabled and samples:
             append_line(self.path, json.dumps({"step": step, "samples": samples}))
 

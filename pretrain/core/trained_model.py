@@ -23,7 +23,7 @@ import sentencepiece as spm
 import torch
 
 from common.errors import UserError
-from pretrain.core.library_internals import weights_only_loads
+from pretrain.core.library_internals import weights_only_loads, wrapper_name_parts
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
 from pretrain.core.run_dir import CheckpointDir, RunDir
@@ -70,8 +70,22 @@ def training_seq_len(state: dict[str, Any], max_seq_len: int) -> int:
     return int(state["trainer"]["consumed_tokens"]) // samples if samples else max_seq_len
 
 
-def _strip_compile_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
+def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain model's names: without what torch.compile and activation checkpointing put into them (ZeRO's
+    files record parameter names as the engine saw them)."""
+    stripped = {}
+    for key, value in state_dict.items():
+        for wrapper in wrapper_name_parts():
+            key = key.replace(wrapper, "")
+        stripped[key] = value
+    return stripped
+
+
+def training_data_dirs(state: dict[str, Any]) -> list[str]:
+    """The datasets a checkpoint was trained on: its data mixture's sources, or its one data_dir."""
+    if state.get("data_dirs"):
+        return [str(d) for d in state["data_dirs"]]
+    return [str(state.get("data_dir") or state["config"]["data_dir"])]
 
 
 def model_state_dict(checkpoint: CheckpointDir, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -81,12 +95,12 @@ def model_state_dict(checkpoint: CheckpointDir, zero_stage: int) -> dict[str, to
             raise UserError(f"{checkpoint.path} has no mp_rank_*_model_states.pt; the checkpoint is incomplete")
         with weights_only_loads():
             saved = torch.load(files[0], map_location="cpu", weights_only=True)
-        return _strip_compile_prefix(saved["module"])
+        return _strip_wrappers(saved["module"])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with weights_only_loads():  # zero_to_fp32 passes weights_only=False: overridden
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
-    return _strip_compile_prefix(dict(state))
+    return _strip_wrappers(dict(state))
 
 
 def load_trained_model(run_dir: str | None, checkpoint: str | None = None, device: str = "cpu") -> TrainedModel:

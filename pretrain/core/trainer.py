@@ -31,19 +31,20 @@ import torch
 from common.app import to_container, to_yaml
 from common.errors import UserError
 from common.files import write_text_atomic
-from data_prep.manifest import Manifest
 from pretrain.core.callbacks import Callback, Rollback, default_callbacks, ordered
-from pretrain.core.checkpoint import Checkpointer, check_resume_layout
+from pretrain.core.checkpoint import Checkpointer
 from pretrain.core.checkpoint_writes import CheckpointNotSaved
 from pretrain.core.config import RunConfig
-from pretrain.core.data import BatchLayout, eval_batches, open_splits, train_loader
+from pretrain.core.data import BatchLayout, eval_batches, open_sources, train_loader
 from pretrain.core.distributed import World, all_reduce_max, all_reduce_sum, raise_on_every_rank
 from pretrain.core.engine import build_train_step
 from pretrain.core.faults import Faults
 from pretrain.core.library_internals import shutdown_loader_workers
+from pretrain.core.mixture import DataSources
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
-from pretrain.core.run_dir import Outcome, RunDir
+from pretrain.core.reshard import restore
+from pretrain.core.run_dir import Outcome, ProcessInfo, RunDir
 from pretrain.core.sample_trace import SampleTrace
 from pretrain.core.watchdog import ProgressWatchdog
 
@@ -64,16 +65,19 @@ class TrainerState:
 
 class Trainer:
     """One invocation of a run. `config` is validated (pretrain/__main__.py) and never changed here;
-    `manifest` is the dataset's, loaded once by the caller."""
+    `sources` are its datasets (one, or a mixture), loaded once by the caller."""
 
     def __init__(
-        self, config: RunConfig, manifest: Manifest, world: World, callbacks: Sequence[Callback] | None = None
+        self, config: RunConfig, sources: DataSources, world: World, callbacks: Sequence[Callback] | None = None
     ) -> None:
-        self.config, self.manifest, self.world = config, manifest, world
-        self.data_dir, self.run_dir = Path(config.data_dir), RunDir(config.run_dir)
+        self.config, self.sources, self.world = config, sources, world
+        # What every source shares (validated): vocabulary, special ids, seq_len, tokenizer.
+        self.manifest = manifest = sources.manifest
+        self.run_dir = RunDir(config.run_dir)
         # The model's shape with the dataset's vocabulary filled in (the config may leave it unset).
         self.model_config: ModelConfig = replace(config.model, vocab_size=manifest.vocab_size)
-        self.tokenizer = (self.data_dir / manifest.tokenizer_file).read_bytes()
+        self.tokenizer = sources.tokenizer_bytes()
+        self.mixture_entry: dict[str, Any] | None = None  # the data mixture this invocation starts or changes to
         self.state = TrainerState()
         self.outcome: Outcome | None = None  # None while the run goes on
         self.faults = Faults.from_env()
@@ -101,11 +105,13 @@ class Trainer:
             try:
                 self.run_dir.root.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(self.run_dir.config_file, to_yaml(config))
+                self.run_dir.write_process(ProcessInfo.current())  # a dashboard tells a crash from a live run by it
             except OSError as error:
                 problem = f"run_dir={config.run_dir!r} is not writable ({error}); free space there or choose another"
         raise_on_every_rank(problem)
-        self.train_set, self.val_set = open_splits(
-            self.data_dir, manifest, self.run_dir.cache, world.rank, world.world_size, raise_on_every_rank
+        # Every shard of every source is checked against its manifest's sha256 before it is first indexed.
+        self.train_set, self.val_sets = open_sources(
+            self.sources, self.run_dir.cache, world.rank, world.world_size, raise_on_every_rank
         )
         if config.precision == "fp16" and world.device.type == "cpu":
             # DeepSpeed's CPU accelerator refuses fp16 ("Type fp16 is not supported on your device").
@@ -123,15 +129,21 @@ class Trainer:
     def _restore(self) -> None:
         latest = self.checkpointer.latest()
         if latest is None:
+            self.mixture_entry = self.sources.begin(self.config.seed)
             return
-        check_resume_layout(latest, self.config, self.layout.data_parallel_size)
-        saved = self.checkpointer.load(self.step.engine, latest)
-        if saved.get("tokenizer_sha256") != self.manifest.tokenizer_sha256:
-            raise UserError(
-                f"run_dir={self.config.run_dir!r} was trained with another tokenizer (checkpoint {latest.tag}); "
-                "use a new run_dir for this dataset"
-            )
+        # Any layout resumes any checkpoint (converted when DeepSpeed cannot load it as it is); another model or
+        # tokenizer was refused before anything started (layout.resume_problems).
+        faults = self.faults.kill_during_conversion_after
+        saved = restore(self.checkpointer, self.step.engine, latest, self.config, self.world, faults)
         self.state = TrainerState(**saved["trainer"])
+        self.mixture_entry = self.sources.resume(
+            saved,
+            self.state.step,
+            self.state.consumed_samples,
+            self.config.data_reweight,
+            self.config.seed,
+            f"checkpoint {latest.path}",
+        )
         for callback in self.callbacks:
             if callback.state_key and callback.state_key in saved.get("callbacks", {}):
                 callback.load_state_dict(saved["callbacks"][callback.state_key])
@@ -153,6 +165,8 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             self._dispatch("on_train_start")
+            if self.mixture_entry is not None:
+                self._dispatch("on_mixture", self.mixture_entry)
             self._interval_losses: list[torch.Tensor] = []
             first_step, per_run = self.state.step, self.config.train.steps_per_run
             while self.state.step < self.config.train.max_steps and self.outcome is None:
@@ -210,6 +224,7 @@ class Trainer:
             self.state.consumed_samples,
             self.config.train.num_workers,
             pin_memory=self.world.device.type == "cuda",
+            order=self.sources.order(),
         )
         self._batches = iter(loader)
 
@@ -224,7 +239,8 @@ class Trainer:
         consumed: list[int] = []
         fault = self.faults.loss_multiplier(self.state.consumed_samples, self.layout.global_batch_size)
         step_loss = self.step.train(self._batches, consumed, fault)
-        self.trace.append(self.state.step + 1, consumed)
+        if self.trace.enabled:
+            self.trace.append(self.state.step + 1, self.train_set.trace_labels(consumed))
         # Non-finite gradients make DeepSpeed skip the update (no weight, moment or schedule change);
         # a non-finite loss is what we count, and stop on when it persists.
         finite = bool(torch.isfinite(step_loss))
@@ -270,6 +286,7 @@ class Trainer:
             "step": self.state.step,
             "consumed_samples": self.state.consumed_samples,
             "tokens": self.state.consumed_tokens,
+            **self.sources.consumed_tokens(self.state.consumed_samples),
             "loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
             "lr": self.step.lr(),
             "grad_norm": self.step.grad_norm(),
@@ -292,22 +309,36 @@ class Trainer:
 
     def _roll_back(self, reason: str, skip_batches: int) -> None:
         """Reload the last complete checkpoint in this process and skip data: the same state a resume from that
-        checkpoint reaches, since the skip is written into it (bit-exact: engine, counters, data cursor, seeds)."""
+        checkpoint reaches, since the skip is written into it (bit-exact: engine, counters, data cursor and
+        mixture, seeds). It loads through the resume's path (reshard.restore: a checkpoint of another layout,
+        which the run resumed from, converts)."""
         self._rollback = None
         latest = self.checkpointer.latest()
         if latest is None:
             self.request_stop(f"{reason}: no checkpoint to roll back to", failed=True)
             return
         step, loss = self.state.step, self.last_loss
-        saved = self.checkpointer.load(self.step.engine, latest)
+        saved = restore(self.checkpointer, self.step.engine, latest, self.config, self.world)
         state = TrainerState(**saved["trainer"])
+        # The mixture as at the checkpoint (a reweight this invocation started there is applied again, from the
+        # checkpoint's cursor): the skip below moves the cursor within it.
+        self.sources.resume(
+            saved,
+            state.step,
+            state.consumed_samples,
+            self.config.data_reweight,
+            self.config.seed,
+            f"checkpoint {latest.path}",
+        )
         # At least every batch since the checkpoint: the one that spiked is never trained again.
         skipped = max(skip_batches, step - state.step) * self.layout.global_batch_size
         state.consumed_samples += skipped
         state.skipped_samples += skipped
         state.rollbacks = self.state.rollbacks + 1
         self.state, self._saved_step, self._interval_losses = state, state.step, []
-        if problem := self.checkpointer.amend_state(latest, asdict(state)):
+        # The skip, and the mixture it skips in, go into the checkpoint: a later resume from it repeats both.
+        amended = {"trainer": asdict(state), **self.sources.checkpoint_fields()}
+        if problem := self.checkpointer.amend_state(latest, amended):
             print(f"warning: the data skip is not recorded in {latest.path}: {problem}", file=sys.stderr, flush=True)
         self.trace.truncate_after(state.step)
         self._open_loader()
@@ -316,28 +347,32 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
-        if self.val_set is None or self._rollback is not None:
+        if not self.val_sets or self._rollback is not None:
             return None
         started = time.perf_counter()
-        batches = list(
-            eval_batches(
-                self.val_set,
+        # Each source's validation set on its own (every rank in the same order: passes are collective), then
+        # the token-weighted mean over all of them.
+        totals, layout = {}, self.layout
+        for name, val_set in self.val_sets.items():
+            batches = eval_batches(
+                val_set,
                 self.config.eval.samples,
-                self.layout.micro_batch_size,
-                self.layout.data_parallel_rank,
-                self.layout.data_parallel_size,
+                layout.micro_batch_size,
+                layout.data_parallel_rank,
+                layout.data_parallel_size,
             )
-        )
-        total = all_reduce_sum(self.step.evaluate(batches))
-        val_loss = float(total[0] / total[1])
+            totals[name] = all_reduce_sum(self.step.evaluate(list(batches)))
+        total = torch.stack(list(totals.values())).sum(dim=0)
         metrics = {
             "step": self.state.step,
             "tokens": self.state.consumed_tokens,
-            "val_loss": val_loss,
-            "val_perplexity": math.exp(min(val_loss, 50.0)),
+            **_loss_metrics(total),
             "eval_samples": int(total[1]) // self.manifest.seq_len,
             "eval_seconds": time.perf_counter() - started,
         }
+        if self.sources.is_mixture:
+            for name, source_total in totals.items():
+                metrics.update({f"{key}/{name}": value for key, value in _loss_metrics(source_total).items()})
         self._dispatch("on_eval", metrics)
         return metrics
 
@@ -348,7 +383,7 @@ class Trainer:
             "trainer": asdict(self.state),
             "callbacks": {c.state_key: c.state_dict() for c in self.callbacks if c.state_key},
             "tokenizer_sha256": self.manifest.tokenizer_sha256,
-            "data_dir": str(self.data_dir),
+            **self.sources.checkpoint_fields(),  # data_dir or data_dirs, and the mixture's run state
             "world_size": self.world.world_size,
             "zero_stage": self.config.zero_stage,
             "pipeline_stages": self.config.parallel.pipeline_stages,
@@ -404,6 +439,12 @@ class Trainer:
                 "run the same command to resume",
                 flush=True,
             )
+
+
+def _loss_metrics(total: torch.Tensor) -> dict[str, float]:
+    """val_loss and val_perplexity of evaluation totals [sum of token losses, tokens]."""
+    val_loss = float(total[0] / total[1])
+    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -77,6 +77,16 @@ CASES = {
         lambda s: [f"input=[{s.books[0]}]", "seq_len=-1", "val_fraction=2", "tokenizer.model_type=wordpiece"],
         ("seq_len=-1", "val_fraction=2.0", "tokenizer.model_type='wordpiece'"),
     ),
+    "an input_encoding that is no codec": Case(
+        lambda s: [f"input=[{s.books[0]}]", "input_encoding=klingon"], ("input_encoding='klingon'", "codec")
+    ),
+    "no tasks, no slices": Case(
+        lambda s: [f"input=[{s.books[0]}]", "tasks=0", "slice_mb=0"], ("tasks=0", "slice_mb=0")
+    ),
+    "a Slurm time limit that is no time": Case(
+        lambda s: [f"input=[{s.books[0]}]", "launcher=slurm", "launcher.time=1h", "launcher.partition=two words"],
+        ("launcher.time='1h'", "launcher.partition='two words'"),
+    ),
     "output_dir under a regular file": Case(
         lambda s: [f"input=[{s.books[0]}]", f"output_dir={s.write('a-file', b'x') / 'out'}"],
         ("output_dir=", "a-file", "not writable"),
@@ -198,17 +208,20 @@ def test_corrupt_gzip_next_to_text_is_skipped_and_reported(setting: Setting) -> 
 
 
 def test_invalid_utf8_is_replaced_and_counted(setting: Setting) -> None:
-    raw = setting.books[0].read_bytes()
-    already = decode_utf8(raw)[1]
+    """A UTF-8 file damaged in a few places stays UTF-8: its letters decode, each invalid byte becomes U+FFFD
+    and is counted (a file of ASCII and stray high bytes is a legacy code page instead: test_encodings.py)."""
+    raw = "Caf\u00e9 na\u00efve \u2014 \u00fcber \u00e0 la r\u00e9sum\u00e9\n".encode() + setting.books[0].read_bytes()
+    assert decode_utf8(raw)[1] == 0
     # One invalid byte after each of three line breaks, spread over the book.
     cuts = [raw.index(b"\n", len(raw) * k // 4) + 1 for k in (1, 2, 3)]
     damaged = raw[: cuts[0]] + b"\xff" + raw[cuts[0] : cuts[1]] + b"\xfe" + raw[cuts[1] : cuts[2]]
     damaged += b"\xc3" + raw[cuts[2] :]
     path = setting.write("inputs/damaged.txt", damaged)
     manifest = _prepare(setting, path.parent)
-    assert manifest["cleaning"]["invalid_utf8_replaced"] == already + 3
+    assert manifest["cleaning"]["undecodable_replaced"] == 3
+    assert manifest["cleaning"]["encodings"] == {"utf-8": 1}
     documents = source_documents([path])
-    assert documents[0].count("\ufffd") >= 3
+    assert documents[0].count("\ufffd") == 3 and documents[0].startswith("Caf\u00e9 na\u00efve")
     assert_round_trip(setting.tmp / "out", documents)
 
 

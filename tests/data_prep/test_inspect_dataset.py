@@ -45,7 +45,7 @@ def test_inspect_passes_a_good_dataset(tiny_dataset: Path) -> None:
     shards = sum(len(split["shards"]) for split in manifest["splits"].values())
     assert f"all {shards} shards match the manifest" in done.stdout
     assert "PROBLEM" not in done.stdout
-    assert "train '[train-0000000000]" in done.stdout and "val '[val-0000000000]" in done.stdout
+    assert "train '[train-000000-0000000000]" in done.stdout and "val '[val-000000-0000000000]" in done.stdout
 
 
 def test_inspect_names_a_shard_with_one_corrupt_byte(tmp_path: Path, tiny_dataset: Path) -> None:

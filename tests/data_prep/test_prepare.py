@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,7 +93,8 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory, demo_books: Path) -> I
     descendants: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 300
-        while not (out / "train-000000.tar").exists():
+        first_shard = out / ".data_prep" / "slices" / "000000" / "train-000000.tar"
+        while not first_shard.exists():
             assert process.poll() is None, f"the run ended before its first shard:\n{log.read_text()}"
             assert time.monotonic() < deadline, "no shard after 300 s"
             time.sleep(0.01)
@@ -118,8 +120,7 @@ def resumed(interrupted: Interrupted) -> subprocess.CompletedProcess[str]:
 
 def test_killed_run_leaves_no_manifest(interrupted: Interrupted) -> None:
     assert "manifest.json" not in interrupted.left_behind
-    assert "train-000000.tar" in interrupted.left_behind  # killed mid-encoding, as intended
-    assert ".data_prep" in interrupted.left_behind
+    assert interrupted.left_behind == [".data_prep"]  # killed mid-encoding, as intended: no shard in place yet
 
 
 def test_workers_exit_when_the_main_process_is_killed(interrupted: Interrupted) -> None:
@@ -132,7 +133,10 @@ def test_workers_exit_when_the_main_process_is_killed(interrupted: Interrupted) 
 def test_rerun_after_kill_equals_a_clean_run(
     interrupted: Interrupted, resumed: subprocess.CompletedProcess[str], tmp_path: Path, demo_books: Path
 ) -> None:
-    assert "reusing the tokenizer trained by an interrupted run" in resumed.stdout
+    # From the last complete shard, not from the start: the tokenizer and the shards the kill left are reused.
+    assert "tokenizer: trained" not in resumed.stdout
+    resumed_after = re.search(r"slice 0: resuming after (\d+) complete shards", resumed.stdout)
+    assert resumed_after and int(resumed_after.group(1)) >= 1, resumed.stdout
     clean = tmp_path / "clean"
     run_module("data_prep", *_demo_args(demo_books, clean), check=True)
     resumed_hashes, clean_hashes = _file_hashes(interrupted.out), _file_hashes(clean)

@@ -1,9 +1,10 @@
 """What comes out equals what went in: the shards, read with plain webdataset and decoded with the dataset's
-tokenizer, give back exactly the cleaned source text cut into its train and validation runs.
+tokenizer, give back exactly the cleaned source text cut into its train and validation runs, slice by slice.
 
 The expected side is computed here from the input files, independently of data_prep's reading, batching,
-deduplication and packing code; only the cleaning and splitting rules (data_prep.documents) are shared, since
-they define what "the cleaned text" is.
+deduplication and packing code; only the rules that define "the cleaned text" are shared: the decoding of a
+file in its encoding (data_prep.charsets), cleaning and splitting (data_prep.documents), and which files make a
+slice (data_prep.sources.plan_slices).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,14 @@ import numpy as np
 import sentencepiece as spm
 import webdataset as wds
 
-from data_prep.documents import SPLIT_NAMES, CleanStats, clean_text, decode_utf8, split_runs
+from data_prep.charsets import DETECTION_BYTES, decode_counting, decode_file, stream_codec
+from data_prep.documents import SPLIT_NAMES, CleanStats, clean_text, split_runs
+from data_prep.sources import InputFile, plan_slices
 from tests.support import run_module
 
 # ---- reading a prepared dataset (plain webdataset, no code of data_prep) ---------------------------------
+
+KEY = re.compile(r"^(train|val)-(\d{6})-(\d{10})$")
 
 
 def load_manifest_json(root: Path) -> dict[str, Any]:
@@ -36,8 +43,21 @@ def read_samples(root: Path, manifest: dict[str, Any], split: str) -> list[dict[
     return list(wds.WebDataset(urls, shardshuffle=False).decode())
 
 
+def samples_by_slice(samples: list[dict[str, Any]], split: str) -> dict[int, list[dict[str, Any]]]:
+    """The split's samples grouped by slice (key `<split>-<slice>-<number>`), numbered from 0 in each."""
+    grouped: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for sample in samples:
+        match = KEY.match(sample["__key__"])
+        assert match and match.group(1) == split, sample["__key__"]
+        number = int(match.group(2))
+        assert int(match.group(3)) == len(grouped[number]), f"{sample['__key__']} out of order"
+        grouped[number].append(sample)
+    assert list(grouped) == sorted(grouped), "slices out of order"
+    return dict(grouped)
+
+
 def token_stream(samples: list[dict[str, Any]], seq_len: int) -> np.ndarray:
-    """The split's token stream: sample i covers stream tokens [i*L, i*L+L+1), so consecutive samples share
+    """A slice's token stream: sample i covers stream tokens [i*L, i*L+L+1), so consecutive samples share
     one token, which is checked here."""
     if not samples:
         return np.zeros(0, dtype=np.int64)
@@ -82,34 +102,54 @@ def split_at_eos(stream: np.ndarray, eos: int) -> tuple[list[list[int]], list[in
 # ---- the expected side, from the input files ---------------------------------------------------------------
 
 
-def source_documents(paths: list[Path], text_field: str = "text") -> list[str]:
-    """Cleaned, exactly deduplicated documents in input order (sorted real paths): one per text file, one per
-    usable JSONL record; .gz inputs are decompressed."""
+def _file_texts(path: Path, raw: bytes, text_field: str) -> list[str]:
+    if not path.name.endswith((".jsonl", ".jsonl.gz")):
+        return [decode_file(raw).text]
+    codec = stream_codec(raw[:DETECTION_BYTES])
+    if codec.startswith(("utf-16", "utf-32")):
+        lines = [line.encode("utf-8") for line in raw.decode(codec).split("\n")]
+        codec = "utf-8"
+    else:
+        lines = raw.split(b"\n")
+    texts = []
+    for line in lines:
+        try:
+            # A byte-order mark opens the file, not its first record.
+            record = json.loads(decode_counting(line, codec)[0].removeprefix("\ufeff")) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get(text_field), str):
+            texts.append(record[text_field])
+    return texts
+
+
+def source_slices(paths: list[Path], text_field: str = "text", slice_mb: float = 1024.0) -> list[list[str]]:
+    """Cleaned documents, exactly deduplicated across the corpus, in input order (sorted real paths), grouped by
+    slice: one per text file, one per usable JSONL record; .gz inputs are decompressed."""
+    ordered = sorted(paths, key=lambda p: os.path.realpath(p))
+    files = [InputFile(os.path.realpath(p), p.stat().st_size, 0) for p in ordered]
     stats = CleanStats()
-    documents: list[str] = []
     seen: set[str] = set()
-    for path in sorted(paths, key=lambda p: os.path.realpath(p)):
-        raw = path.read_bytes()
-        if path.name.endswith(".gz"):
-            raw = gzip.decompress(raw)
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark opens the file, not its first record
-            texts = []
-            for line in raw.split(b"\n"):
-                try:
-                    record = json.loads(decode_utf8(line)[0]) if line.strip() else None
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get(text_field), str):
-                    texts.append(record[text_field])
-        else:
-            texts = [decode_utf8(raw)[0]]
-        for text in texts:
-            cleaned = clean_text(text, stats)
-            if cleaned is not None and cleaned not in seen:
-                seen.add(cleaned)
-                documents.append(cleaned)
-    return documents
+    slices: list[list[str]] = []
+    for segments in plan_slices(files, int(slice_mb * 1e6)):
+        documents: list[str] = []
+        for segment in segments:
+            assert segment.start == 0 and segment.end is None, "byte ranges of a .jsonl: not computed here"
+            path = ordered[segment.file]
+            raw = path.read_bytes()
+            if path.name.endswith(".gz"):
+                raw = gzip.decompress(raw)
+            for text in _file_texts(path, raw, text_field):
+                cleaned = clean_text(text, stats)
+                if cleaned is not None and cleaned not in seen:
+                    seen.add(cleaned)
+                    documents.append(cleaned)
+        slices.append(documents)
+    return slices
+
+
+def source_documents(paths: list[Path], text_field: str = "text") -> list[str]:
+    return [document for documents in source_slices(paths, text_field) for document in documents]
 
 
 def expected_runs(documents: list[str], passage_chars: int, val_fraction: float) -> dict[str, list[str]]:
@@ -122,8 +162,8 @@ def expected_runs(documents: list[str], passage_chars: int, val_fraction: float)
 
 @dataclass
 class DecodedSplit:
-    runs: list[str]  # complete runs (EOS-terminated), decoded
-    tail: str  # the partial run the samples end in, decoded
+    runs: list[str]  # complete runs (EOS-terminated), decoded, slice after slice
+    tail: str  # the partial runs the slices' samples end in, decoded, joined
 
 
 def decode_dataset(root: Path) -> dict[str, DecodedSplit]:
@@ -132,50 +172,72 @@ def decode_dataset(root: Path) -> dict[str, DecodedSplit]:
     eos = manifest["special_ids"]["eos"]
     decoded = {}
     for split in SPLIT_NAMES:
-        stream = token_stream(read_samples(root, manifest, split), manifest["seq_len"])
-        runs, tail = split_at_eos(stream, eos)
-        decoded[split] = DecodedSplit([processor.decode(run) for run in runs], processor.decode(tail))
+        runs, tails = [], []
+        for samples in samples_by_slice(read_samples(root, manifest, split), split).values():
+            complete, tail = split_at_eos(token_stream(samples, manifest["seq_len"]), eos)
+            runs += [processor.decode(run) for run in complete]
+            tails.append(processor.decode(tail))
+        decoded[split] = DecodedSplit(runs, "".join(tails))
     return decoded
 
 
-def assert_round_trip(root: Path, documents: list[str]) -> None:
-    """Shards of `root` == `documents` cleaned and cut into split runs, token for token and character for
-    character, with doc_starts agreeing with the EOS positions and the manifest's counts with the shards."""
+def assert_round_trip(root: Path, documents: list[str] | list[list[str]]) -> None:
+    """Shards of `root` == `documents` (grouped by slice, or all in one slice) cleaned and cut into split runs,
+    token for token and character for character, with doc_starts agreeing with the EOS positions and the
+    manifest's counts with the shards."""
+    by_slice: list[list[str]] = documents if documents and isinstance(documents[0], list) else [documents]  # type: ignore[list-item]
     manifest = load_manifest_json(root)
     seq_len, eos = manifest["seq_len"], manifest["special_ids"]["eos"]
     config = manifest["config"]
     processor = spm.SentencePieceProcessor(model_file=str(root / "tokenizer.model"))
     assert processor.eos_id() == eos
     assert processor.get_piece_size() == manifest["vocab_size"]
-    runs = expected_runs(documents, config["split_passage_chars"], config["val_fraction"])
+    expected = [expected_runs(docs, config["split_passage_chars"], config["val_fraction"]) for docs in by_slice]
     for split in SPLIT_NAMES:
         info = manifest["splits"][split]
         samples = read_samples(root, manifest, split)
         assert len(samples) == info["samples"] == sum(shard["samples"] for shard in info["shards"])
-        assert [s["__key__"] for s in samples] == [f"{split}-{i:010d}" for i in range(len(samples))]
-        for sample in samples:
-            assert sample["tokens.npy"].dtype == np.dtype(manifest["dtype"])
-        stream = token_stream(samples, seq_len)
-        for i, sample in enumerate(samples):
-            np.testing.assert_array_equal(
-                sample["doc_starts.npy"], expected_doc_starts(stream, eos, seq_len, i), err_msg=f"{split} {i}"
-            )
-        complete, tail = split_at_eos(stream, eos)
-        decoded = [processor.decode(run) for run in complete]
-        assert len(decoded) <= len(runs[split])
-        for i, (got, want) in enumerate(zip(decoded, runs[split], strict=False)):
-            assert got == want, f"{split} run {i} differs: {_first_difference(got, want)}"
-        # The samples end inside the next run: the bytes of their last tokens begin it. (Bytes, not text: the
-        # cut may fall inside a character spelled by byte pieces.)
-        missing = runs[split][len(decoded) :]
-        assert missing or not tail
-        if tail:
-            assert missing[0].encode("utf-8").startswith(token_bytes(processor, tail)), f"{split}: tail differs"
-        # What the samples do not hold is less than one sample, and holds the EOS of every run not complete.
-        dropped = info["tokens"] - len(stream)
-        assert len(missing) <= dropped < seq_len or not samples, f"{split}: {dropped} tokens dropped"
-        assert info["documents"] == len(runs[split])
-    assert manifest["documents"] == len(documents)
+        grouped = samples_by_slice(samples, split)
+        held = 0
+        for number, runs in enumerate(expected):
+            held += _assert_slice(processor, grouped.get(number, []), runs[split], seq_len, eos, f"{split} {number}")
+        # What the samples do not hold is less than one sample per slice, and holds the EOS of every run not
+        # complete (at least one token each).
+        dropped = info["tokens"] - held
+        assert dropped == info["tail_tokens_dropped"], f"{split}: {dropped} tokens dropped"
+        assert 0 <= dropped < len(expected) * (seq_len + 1)
+        assert info["documents"] == sum(len(runs[split]) for runs in expected)
+    assert manifest["documents"] == sum(len(docs) for docs in by_slice)
+
+
+def _assert_slice(
+    processor: spm.SentencePieceProcessor,
+    samples: list[dict[str, Any]],
+    runs: list[str],
+    seq_len: int,
+    eos: int,
+    where: str,
+) -> int:
+    """One slice of one split against its expected runs; returns the tokens its samples hold."""
+    for sample in samples:
+        assert sample["tokens.npy"].dtype in (np.uint16, np.uint32)
+    stream = token_stream(samples, seq_len)
+    for i, sample in enumerate(samples):
+        np.testing.assert_array_equal(
+            sample["doc_starts.npy"], expected_doc_starts(stream, eos, seq_len, i), err_msg=f"{where} {i}"
+        )
+    complete, tail = split_at_eos(stream, eos)
+    decoded = [processor.decode(run) for run in complete]
+    assert len(decoded) <= len(runs)
+    for i, (got, want) in enumerate(zip(decoded, runs, strict=False)):
+        assert got == want, f"{where} run {i} differs: {_first_difference(got, want)}"
+    # The samples end inside the next run: the bytes of their last tokens begin it. (Bytes, not text: the cut
+    # may fall inside a character spelled by byte pieces.)
+    missing = runs[len(decoded) :]
+    assert missing or not tail
+    if tail:
+        assert missing[0].encode("utf-8").startswith(token_bytes(processor, tail)), f"{where}: tail differs"
+    return len(stream)
 
 
 def _first_difference(got: str, want: str) -> str:
@@ -196,7 +258,7 @@ def test_shards_decode_to_the_cleaned_source_text(tiny_dataset: Path, small_corp
 
 
 def _book_paragraphs(book: Path) -> list[str]:
-    text = decode_utf8(book.read_bytes())[0].replace("\r\n", "\n")
+    text = decode_file(book.read_bytes()).text.replace("\r\n", "\n")
     return [p for p in text.split("\n\n") if p.strip()]
 
 
@@ -259,7 +321,7 @@ def test_jsonl_lone_surrogate_escape_is_replaced_and_counted(tmp_path: Path, sma
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     manifest = load_manifest_json(out)
-    assert manifest["cleaning"]["invalid_utf8_replaced"] == 2
+    assert manifest["cleaning"]["undecodable_replaced"] == 2
     decoded = decode_dataset(out)
     text = "".join(run for split in decoded.values() for run in [*split.runs, split.tail])
     assert "half an emoji: \ufffd and a stray low half \ufffd." in text

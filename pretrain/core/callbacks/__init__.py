@@ -32,11 +32,11 @@ def default_callbacks(config: RunConfig, run_dir: RunDir, flops_per_token: float
     return ordered(
         [
             *guards,
-            Throughput(flops_per_token),
+            Throughput(flops_per_token, config.precision),
             CarbonTracker(config.carbon, max_steps),
             PeriodicEvaluation(config.eval.interval, config.eval.at_end),
             MetricsFile(run_dir.metrics),
-            WandbRun(config.wandb, to_container(config)),
+            WandbRun(config.wandb, to_container(config), max_steps),
             ConsoleLogger(max_steps),
             PeriodicCheckpoint(config.checkpoint.interval),
         ]

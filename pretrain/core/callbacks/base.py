@@ -125,6 +125,10 @@ class Callback:
     def on_eval(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         """After each evaluation, with val_loss and val_perplexity."""
 
+    def on_mixture(self, trainer: TrainerView, mixture: dict[str, Any]) -> None:
+        """When a run on a data mixture starts (step 0) or resumes with new weights (data_reweight): step,
+        consumed_samples, tokens, mixture_segment, data_weight/<source> and, for a change, `previous` weights."""
+
     def on_checkpoint(self, trainer: TrainerView, path: Path) -> None:
         """After a checkpoint is committed."""
 

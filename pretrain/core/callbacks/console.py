@@ -39,3 +39,12 @@ class ConsoleLogger(Callback):
                 f"{trainer.state.consumed_samples})",
                 flush=True,
             )
+
+    def on_mixture(self, trainer: TrainerView, mixture: dict[str, Any]) -> None:
+        if trainer.world.is_main:
+            weights = ", ".join(
+                f"{k.split('/', 1)[1]} {v:.4g}" for k, v in mixture.items() if k.startswith("data_weight/")
+            )
+            previous = mixture.get("previous")
+            was = f" (was {', '.join(f'{n} {w:.4g}' for n, w in previous.items())})" if previous else ""
+            print(f"data mixture from step {mixture['step']}: {weights}{was}", flush=True)

@@ -19,6 +19,21 @@ def test_weight_decay_only_on_matrices() -> None:
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(p.numel() for p in model.parameters())
 
 
+def test_a_group_left_empty_is_dropped_so_the_schedule_has_one_lambda_per_group() -> None:
+    # A pipeline stage holding only the tied embedding (partition_method=type:EmbeddingPipe) has matrices only.
+    stage = torch.nn.Embedding(10, 4)
+    groups = parameter_groups(stage, 0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1]
+    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    # What DeepSpeed does to the optimizer after the schedule was built: drop empty groups. Nothing to drop now.
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    stage(torch.tensor([1])).sum().backward()
+    optimizer.step()
+    schedule.step()  # failed with "zip() argument 2 is longer than argument 1" when an empty group was dropped
+    assert schedule.get_last_lr() == [0.5]
+
+
 def test_schedule_warms_up_then_decays_to_the_floor() -> None:
     values = [lr_multiplier(step, warmup=10, decay=90, min_ratio=0.1) for step in range(120)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)

@@ -20,7 +20,7 @@ from tests.support import REPO
 
 
 def test_pipeline_grid_and_local_layer_range_of_a_deepspeed_pipeline_module() -> None:
-    # A PipelineModule needs a process group: one gloo rank, in a child process so no group outlives the test.
+    # A PipelineModule needs a process group.
     script = textwrap.dedent(
         """
         import deepspeed, torch
@@ -35,10 +35,91 @@ def test_pipeline_grid_and_local_layer_range_of_a_deepspeed_pipeline_module() ->
         print("ok")
         """
     )
+    done = _run_one_rank(script)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _run_one_rank(script: str) -> subprocess.CompletedProcess[str]:
+    """A script on one gloo rank, in a child process so no process group outlives the test."""
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     env["MASTER_PORT"] = str(__import__("common.net", fromlist=["free_port"]).free_port())
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_deepspeed_optimizer_internals_that_resuming_on_another_layout_reads_and_sets() -> None:
+    script = textwrap.dedent(
+        """
+        import deepspeed, torch
+        from deepspeed.pipe import LayerSpec, PipelineModule
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        from pretrain.core import library_internals as internals
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+        def engine(stage, precision, pipeline=False):
+            torch.manual_seed(0)
+            if pipeline:
+                model = PipelineModule(layers=[LayerSpec(torch.nn.Linear, 4, 3)], num_stages=1, loss_fn=torch.nn.MSELoss())
+            else:
+                model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+            matrices = [p for p in model.parameters() if p.dim() == 2]
+            vectors = [p for p in model.parameters() if p.dim() == 1]
+            groups = [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}]
+            config = {"train_batch_size": 1, "zero_optimization": {"stage": stage},
+                      "bf16": {"enabled": precision == "bf16"}, "zero_allow_untested_optimizer": True}
+            built, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=0.1), config=config)
+            if not pipeline:
+                dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+                loss = built(torch.randn(2, 4, dtype=dtype)).float().square().sum()
+                built.backward(loss)
+                built.step()
+            return built
+
+        assert internals.optimizer_kind(engine(0, "fp32").optimizer) == "torch"
+
+        unfused = engine(0, "bf16").optimizer
+        assert internals.optimizer_kind(unfused) == "unfused"
+        pairs = internals.unfused_masters(unfused)
+        assert len(pairs) == 4 and all(l.dtype == torch.bfloat16 and m.dtype == torch.float32 for l, m in pairs)
+        assert all(l.shape == m.shape and "exp_avg" in unfused.optimizer.state[m] for l, m in pairs)
+
+        zero1 = engine(1, "fp32")
+        assert internals.optimizer_kind(zero1.optimizer) == "fragments"
+        flats = internals.master_partitions(zero1.optimizer)
+        assert [group for _, group in flats] == [0, 1] and sum(f.numel() for f, _ in flats) >= 12 + 3 + 6
+        internals.link_fragment_state(zero1.optimizer)  # without it, group 1's parameters have no state fragment
+        bias = zero1.module[0].bias
+        state = zero1.optimizer.optimizer.state[flats[1][0]]["exp_avg"]
+        assert torch.equal(safe_get_full_optimizer_state(bias, "exp_avg"), state[: bias.numel()])
+
+        zero3 = engine(3, "fp32")
+        assert internals.optimizer_kind(zero3.optimizer) == "zero3"
+        assert [group for _, group in internals.master_partitions(zero3.optimizer)] == [0, 1]
+        weight = zero3.module[0].weight
+        partition, rank, ranks = internals.zero3_partition(weight)
+        assert (rank, ranks) == (0, 1) and partition.numel() == weight.ds_numel == 12
+        assert torch.equal(partition.view(3, 4), safe_get_full_fp32_param(weight))
+
+        bf16_pipe = engine(0, "bf16", pipeline=True).optimizer
+        assert type(bf16_pipe).__name__ == "BF16_Optimizer" and internals.optimizer_kind(bf16_pipe) == "fragments"
+        assert sum(f.numel() for f, _ in internals.master_partitions(bf16_pipe)) >= 15
+        print("ok")
+        """
+    )
+    done = _run_one_rank(script)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_wrapper_name_parts_are_what_torch_compile_and_checkpoint_wrapper_put_into_parameter_names() -> None:
+    apply_checkpointing, wrapper, _ = internals.checkpoint_wrapper_tools()
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    apply_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: m is model[1])
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
+    names = [name for name, _ in compiled.named_parameters()]
+    assert names[0] == "_orig_mod.0.weight" and names[2] == "_orig_mod.1._checkpoint_wrapped_module.weight"
+    stripped = names[2]
+    for part in internals.wrapper_name_parts():
+        stripped = stripped.replace(part, "")
+    assert stripped == "1.weight"
 
 
 def test_shutdown_loader_workers_ends_the_worker_processes() -> None:
@@ -202,3 +283,44 @@ def test_bound_torchrun_exit_barrier_caps_the_agents_wait(monkeypatch: pytest.Mo
     agent = SimpleNamespace(_exit_barrier_timeout=300, _store=None, _worker_group=group, _in_exit_barrier=False)
     api.SimpleElasticAgent._exit_barrier(agent)  # type: ignore[arg-type]
     assert waits == [7]
+
+
+def test_wandb_records_and_the_last_history_step_of_a_transaction_log(tmp_path: Path) -> None:
+    # A real offline run, in a child process (wandb keeps global state), long enough to span several 32 KiB
+    # blocks, so that reading from the end has to find a record's start inside a block.
+    script = textwrap.dedent(
+        f"""
+        import wandb
+        run = wandb.init(mode="offline", project="pin", id="pin12345", dir={str(tmp_path)!r},
+                         settings=wandb.Settings(console="off", silent=True))
+        for step in range(1, 301):
+            run.log({{"step": step, "loss": 1.0 / step, "note": "x" * 200}}, step=step)
+        run.finish()
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    (log,) = (tmp_path / "wandb").glob("offline-run-*-pin12345/run-pin12345.wandb")
+    assert log.stat().st_size > 3 * 32768
+    records = list(internals.wandb_records(log))
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert kinds[0] == "run" or "run" in kinds[:3]
+    history = [r for r in records if r.WhichOneof("record_type") == "history"]
+    assert [r.history.step.num for r in history] == list(range(1, 301))
+    assert {item.key or ".".join(item.nested_key) for item in history[0].history.item} >= {
+        "_step",
+        "step",
+        "loss",
+        "note",
+    }
+    assert internals.wandb_last_history_step(log) == 300
+    # From any block on, the reader resynchronizes on the next record that starts there.
+    tail = [r.history.step.num for r in internals.wandb_records(log, start=32768 + 5) if r.HasField("history")]
+    assert tail == list(range(tail[0], 301)) and tail[0] > 1
+    # A file cut in the middle of a record (a killed run) reads up to its last whole record.
+    cut = tmp_path / "cut.wandb"
+    cut.write_bytes(log.read_bytes()[: log.stat().st_size // 2])
+    steps = [r.history.step.num for r in internals.wandb_records(cut) if r.HasField("history")]
+    assert steps == list(range(1, len(steps) + 1)) and 0 < len(steps) < 300
+    assert internals.wandb_last_history_step(cut) == len(steps)

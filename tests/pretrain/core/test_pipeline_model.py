@@ -154,3 +154,25 @@ def test_invalid_layout_stops_before_any_process_group(tiny_dataset: Path, tmp_p
     assert "Using topology" not in done.stdout + done.stderr  # printed when a PipelineModule is built
     assert not (tmp_path / "checkpoints").exists()
     assert load_manifest(tiny_dataset).seq_len == 64
+
+
+def test_a_stage_without_vectors_is_refused_under_zero_not_left_waiting(tiny_dataset: Path, tmp_path: Path) -> None:
+    """type:EmbeddingPipe leaves the last stage only the tied head (one matrix). ZeRO-0 trains it (its parameter
+    group of vectors is dropped, and the schedule built for the groups left: tests/.../test_reshard.py); under ZeRO-1
+    DeepSpeed would reduce norms group by group across stages and wait forever at the first step."""
+    done = run_distributed(
+        2,
+        "pretrain",
+        *args(
+            tiny_dataset,
+            tmp_path,
+            "parallel.pipeline_stages=2",
+            "zero_stage=1",
+            "parallel.partition_method=type:EmbeddingPipe",
+        ),
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "error: parallel.partition_method=type:EmbeddingPipe: a pipeline stage holds only weight" in done.stderr
+    assert "use partition_method=type:BlockPipe" in done.stderr

@@ -93,6 +93,7 @@ def test_cursor_survives_a_change_of_world_size(tiny_dataset: Path, reference: P
     run_distributed(2, "pretrain", *train_args(tiny_dataset, tmp_path, *common, "train.steps_per_run=3"))
     resumed = run_distributed(1, "pretrain", *train_args(tiny_dataset, tmp_path, *common))
     assert "at step 3" in resumed.stdout
+    assert "written with" not in resumed.stdout  # ZeRO-0: DeepSpeed loads it as it is, no conversion
     # Same schedule, same samples: the losses are the 1-rank reference's too.
     for step, loss in losses(reference).items():
         assert math.isclose(losses(tmp_path)[step], loss, rel_tol=1e-4, abs_tol=1e-5), step
@@ -104,16 +105,6 @@ def test_cursor_survives_a_change_of_world_size(tiny_dataset: Path, reference: P
     consumed = [s for step in sorted(got) for s in got[step]]
     assert sorted(consumed) == sorted(order(p) for p in range(48))
     assert len(set(consumed)) == len(consumed)
-
-
-def test_resume_on_another_layout_is_refused_when_zero_cannot_repartition(tiny_dataset: Path, tmp_path: Path) -> None:
-    run_distributed(2, "pretrain", *train_args(tiny_dataset, tmp_path, "train.max_steps=2", "zero_stage=2"))
-    done = run_distributed(
-        1, "pretrain", *train_args(tiny_dataset, tmp_path, "train.max_steps=4", "zero_stage=2"), check=False
-    )
-    assert done.returncode != 0
-    assert "holds ZeRO-2 optimizer state partitioned over 2 data-parallel ranks" in done.stderr
-    assert "resume on 2 ranks" in done.stderr
 
 
 def _wait_for(predicate, timeout: float, process) -> None:

@@ -1,7 +1,8 @@
 """W&B and CodeCarbon tracking on real 2-rank runs (torchrun, gloo): what a user finds in the run directory.
 
-The offline W&B run is read back from its `.wandb` transaction log with wandb's own protobuf records; the
-emissions from CodeCarbon's CSV, metrics.jsonl and the checkpoints.
+The offline W&B run is read back from its `.wandb` transaction log with wandb's own protobuf records
+(library_internals.wandb_records, pinned in test_library_internals.py); the emissions from CodeCarbon's CSV,
+metrics.jsonl and the checkpoints.
 """
 
 from __future__ import annotations
@@ -9,15 +10,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
 from pretrain.core.callbacks.carbon import CarbonConfig
 from pretrain.core.callbacks.metrics_file import read_metrics
 from pretrain.core.callbacks.wandb_run import WandbConfig
-from tests.support import complete_checkpoints, read_state, run_distributed, tiny_run_args
+from pretrain.core.library_internals import wandb_records
+from tests.support import complete_checkpoints, read_state, run_distributed, run_module, tiny_run_args
 
 CARBON_METRICS = (
     "energy_kwh",
@@ -40,42 +40,23 @@ def train_entries(run: Path) -> dict[int, dict[str, Any]]:
     return {e["step"]: e for e in read_metrics(run / "metrics.jsonl") if e["kind"] == "train"}
 
 
-def wandb_records(path: Path) -> list[Any]:
-    """Every record of a `.wandb` file, as wandb's own `Record` protobufs.
-
-    wandb 0.31 has no Python reader left (wandb-core writes the file); the framing is the LevelDB log format
-    its datastore always used: a 7-byte header (":W&B", magic 0xBEE1, version), then 32 KiB blocks of chunks,
-    each with crc32, length and type (full, first, middle, last).
-    """
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    ident, magic, _version = struct.unpack("<4sHB", data[:7])
-    assert (ident, magic) == (b":W&B", 0xBEE1), (ident, magic)
-    records, pending, position = [], b"", 7
-    while position + 7 <= len(data):
-        left_in_block = 32768 - position % 32768
-        if left_in_block < 7:  # a block's tail too short for a chunk header is padding
-            position += left_in_block
-            continue
-        checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        chunk = data[position + 7 : position + 7 + length]
-        position += 7 + length
-        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == checksum, f"corrupt chunk in {path}"
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
-
-
-def history_rows(records: list[Any]) -> list[dict[str, Any]]:
+def history_rows(records: Any) -> list[dict[str, Any]]:
     return [
         {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
         for r in records
         if r.WhichOneof("record_type") == "history"
     ]
+
+
+def summary_of(records: Any) -> dict[str, Any]:
+    """The run's summary as the folder leaves it: every update applied in order."""
+    summary: dict[str, Any] = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "summary":
+            summary.update(
+                {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.summary.update}
+            )
+    return summary
 
 
 def emissions_rows(run: Path) -> list[dict[str, str]]:
@@ -100,8 +81,9 @@ def test_tracked_run_resumes_the_same_wandb_run_and_carbon_totals(tiny_dataset: 
     assert [f.name.rsplit("-", 1)[-1] for f in folders] == [run_id, run_id]
     logged = train_entries(tmp_path)
     rows: list[dict[str, Any]] = []
+    summaries = []
     for folder in folders:
-        records = wandb_records(folder / f"run-{run_id}.wandb")
+        records = list(wandb_records(folder / f"run-{run_id}.wandb"))
         runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         assert [r.run_id for r in runs] == [run_id] and runs[0].project == "gpt-pretrain"
         config = {
@@ -115,12 +97,17 @@ def test_tracked_run_resumes_the_same_wandb_run_and_carbon_totals(tiny_dataset: 
         metrics = {r.metric.glob_name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
         assert metrics.get("*") == "step"  # every chart is against the training step
         rows += history_rows(records)
+        summaries.append(summary_of(records))
+    # W&B's own step is the trainer's, continuing across the resume: 1-3 in the first folder, 4-6 in the
+    # second (not 0-3 twice, which the server would store over each other).
+    assert [row["_step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(row["_step"] == row["step"] for row in rows)
     train_rows = {row["step"]: row for row in rows if "loss" in row}
     assert sorted(train_rows) == [1, 2, 3, 4, 5, 6]  # the resumed invocation appended steps 4-6
     for step, row in train_rows.items():
         for key in ("loss", "tokens", "tokens_per_second", *CARBON_METRICS):
             assert math.isclose(row[key], logged[step][key], rel_tol=1e-12), (step, key)
-    assert any("val_loss" in row and row["step"] == 6 for row in rows)
+    assert any("val_loss" in row and row["step"] == 6 for row in rows)  # the final evaluation, in step 6's row
 
     # Emissions: totals grow across the resume instead of restarting from zero.
     energies = [logged[step]["energy_kwh"] for step in range(1, 7)]
@@ -139,6 +126,40 @@ def test_tracked_run_resumes_the_same_wandb_run_and_carbon_totals(tiny_dataset: 
     for key, column in (("energy_kwh", "energy_consumed"), ("emissions_kg_co2eq", "emissions")):
         assert math.isclose(final["carbon"][key], sum(float(r[column]) for r in csv_rows), rel_tol=1e-9), key
     assert final["carbon"]["energy_kwh"] >= logged[6]["energy_kwh"]
+
+    # The run's summary: how each invocation ended, the final validation loss, the run's total energy and
+    # emissions (every invocation's CodeCarbon rows).
+    assert summaries[0]["state"] == "stopped" and summaries[1]["state"] == "finished"
+    final_eval = [e for e in read_metrics(tmp_path / "metrics.jsonl") if e["kind"] == "eval"][-1]
+    assert summaries[1]["final_val_loss"] == final_eval["val_loss"]
+    for key, column in (("total_energy_kwh", "energy_consumed"), ("total_kg_co2eq", "emissions")):
+        assert math.isclose(summaries[1][key], sum(float(r[column]) for r in csv_rows), rel_tol=1e-9), key
+
+    # The one command that uploads both folders, in order, each as a resume of the run (no server here: what
+    # it would do).
+    plan = run_module("pretrain.wandb_sync", str(tmp_path), "--dry-run", check=True).stdout.splitlines()
+    assert plan[0] == f"W&B run {run_id}: 2 invocation(s), oldest first"
+    assert plan[1].startswith(f"  {folders[0].name}: steps 1-3; ") and "state=stopped" in plan[1]
+    assert plan[2].startswith(f"  {folders[1].name}: steps 4-6; ") and "state=finished" in plan[2]
+    assert plan[3:] == [f"would run: WANDB_RESUME=allow wandb sync {folder}" for folder in folders]
+
+
+def test_a_killed_invocations_rows_reach_wandb_once_and_in_order(tiny_dataset: Path, tmp_path: Path) -> None:
+    """kill -9 loses what wandb-core had not written to the killed invocation's file; the resumed invocation
+    logs it again from metrics.jsonl, up to its checkpoint, and then its own steps: every step once."""
+    args = train_args(tiny_dataset, tmp_path, "train.max_steps=6", "checkpoint.interval=2", "carbon.enabled=false")
+    killed = run_distributed(1, "pretrain", *args, env={"PRETRAIN_FAULT": "kill_during_save:4"}, check=False)
+    assert killed.returncode != 0 and sorted(train_entries(tmp_path)) == [1, 2, 3, 4]
+    resumed = run_distributed(1, "pretrain", *args)
+    assert "at step 2" in resumed.stdout
+    run_id = (tmp_path / "wandb" / "run_id").read_text().strip()
+    folders = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(folders) == 2
+    rows = [row for folder in folders for row in history_rows(wandb_records(folder / f"run-{run_id}.wandb"))]
+    assert [row["_step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    logged = train_entries(tmp_path)
+    for row in rows:
+        assert row["loss"] == logged[row["step"]]["loss"] and row["tokens"] == logged[row["step"]]["tokens"]
 
 
 def test_carbon_budget_stops_the_run_with_a_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:

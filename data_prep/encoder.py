@@ -1,0 +1,153 @@
+"""Turning text into token ids: the one interface the encoding workers use, and its SentencePiece implementation.
+
+`TokenEncoder` is all the task, packing and merge machinery sees of a tokenizer (ids of a run of text, the
+vocabulary size and EOS id); a second kind of tokenizer (a Hugging Face `tokenizers` file, say) is one more
+class here and one more case in `load_encoder`.
+
+Why SentencePiece text is cut before encoding, and why the ids stay identical. SentencePiece's BPE gets slower
+per character as its input grows (measured: a whole 880 KB novel in one call takes 5x as long as its lines),
+so a document is encoded in chunks of about CHUNK_CHARS characters. A cut between characters i-1 and i leaves
+the ids unchanged when no piece of the vocabulary contains the two characters text[i-1:i+1]: BPE merges only
+adjacent symbols into vocabulary pieces, so no merge can then cross the cut, and the merges on either side
+happen in the same relative order (by score, then position) whether or not the other side is there. Our
+tokenizers are trained on lines, so no piece contains a newline and every line break is such a cut; a line of
+100 kB or more is cut inside too, at a space (or any other safe pair of characters).
+
+This holds only for what the BPE model sees as given: the normalizer must not rewrite text across the cut
+(identity rules, no whitespace folding, no dummy prefix added at the start of each input) and unknown
+characters must become byte pieces (without byte fallback, a run of unknown characters becomes one <unk>).
+A model that does not meet these (a unigram model, whose Viterbi search breaks near-ties in float sums
+differently when a prefix is added; a reused model with NFKC rules) is encoded one whole run at a time: slower,
+never different. tests/data_prep/test_encoder.py checks the identity on every test corpus.
+"""
+
+from __future__ import annotations
+
+import array
+from typing import Protocol
+
+import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+# Characters per chunk handed to SentencePiece (cut at the first safe place after this many).
+CHUNK_CHARS = 256
+# How far past CHUNK_CHARS a line break is looked for before a long line is cut inside.
+_LINE_LOOKAHEAD = 4
+_SPACE_MARKER = "\u2581"
+_Piece = sentencepiece_model_pb2.ModelProto.SentencePiece  # type: ignore[attr-defined]
+# Pieces that BPE can form from text (byte, control and unknown pieces are never matched against text).
+_TEXT_PIECES = (_Piece.NORMAL, _Piece.USER_DEFINED, _Piece.UNUSED)
+
+
+class TokenEncoder(Protocol):
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> np.ndarray:
+        """The token ids of `text` (uint32), exactly as one call of the tokenizer on the whole text gives."""
+        ...
+
+
+class SafeCuts:
+    """Where a text may be cut without changing its BPE ids: between two characters no piece holds together."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pairs = frozenset(piece[i : i + 2] for piece in pieces for i in range(len(piece) - 1))
+
+    @classmethod
+    def of_model(cls, model: sentencepiece_model_pb2.ModelProto) -> SafeCuts | None:  # type: ignore[name-defined]
+        """The cut rule for this model, or None when cutting could change its ids (see the module doc)."""
+        normalizer, trainer = model.normalizer_spec, model.trainer_spec
+        if (
+            trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE  # type: ignore[attr-defined]
+            or normalizer.precompiled_charsmap
+            or normalizer.add_dummy_prefix
+            or normalizer.remove_extra_whitespaces
+            or not trainer.byte_fallback
+        ):
+            return None
+        # The normalizer turns spaces into the marker, so a piece's marker stands for a space in the text (and
+        # for itself, should the text hold one).
+        pieces = [p.piece for p in model.pieces if p.type in _TEXT_PIECES]
+        if normalizer.escape_whitespaces:
+            pieces += [piece.replace(_SPACE_MARKER, " ") for piece in pieces if _SPACE_MARKER in piece]
+        return cls(pieces)
+
+    def safe(self, text: str, at: int) -> bool:
+        return text[at - 1 : at + 1] not in self.pairs
+
+    def chunks(self, text: str, size: int = CHUNK_CHARS) -> list[str]:
+        """`text` cut into pieces of about `size` characters at safe places; "".join gives it back."""
+        out: list[str] = []
+        start, length = 0, len(text)
+        while length - start > size:
+            end = self._next_cut(text, start, size)
+            if end <= start:
+                break
+            out.append(text[start:end])
+            start = end
+        out.append(text[start:])
+        return out
+
+    def _next_cut(self, text: str, start: int, size: int) -> int:
+        target = start + size
+        # The first line break after the target (cut after it), if the line ends soon.
+        newline = text.find("\n", target, target + _LINE_LOOKAHEAD * size)
+        while newline != -1 and not self.safe(text, newline + 1):
+            newline = text.find("\n", newline + 1, target + _LINE_LOOKAHEAD * size)
+        if newline != -1:
+            return newline + 1
+        # A long line: cut before a space at or before the target, else after it.
+        space = text.rfind(" ", start + 1, target + 1)
+        while space > start and not self.safe(text, space):
+            space = text.rfind(" ", start + 1, space)
+        if space > start:
+            return space
+        space = text.find(" ", target)
+        while space != -1 and not self.safe(text, space):
+            space = text.find(" ", space + 1)
+        if space != -1:
+            return space
+        # No usable space (a script written without them): any safe pair of characters after the target.
+        for at in range(target, min(len(text), target + 64 * size)):
+            if self.safe(text, at):
+                return at
+        return len(text)
+
+
+class SentencePieceEncoder:
+    """A SentencePiece model encoding in chunks where that provably gives the same ids (see the module doc)."""
+
+    def __init__(self, proto: bytes) -> None:
+        self.processor = spm.SentencePieceProcessor(model_proto=proto)
+        self.vocab_size = self.processor.get_piece_size()
+        self.eos_id = self.processor.eos_id()
+        model = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
+        model.ParseFromString(proto)
+        self.cuts = SafeCuts.of_model(model)
+        self._arrays = _returns_arrays(self.processor)
+
+    def encode(self, text: str) -> np.ndarray:
+        pieces = [text] if self.cuts is None else self.cuts.chunks(text)
+        # One call for all chunks: the batch API, on this process's one thread (the workers are the parallelism).
+        if self._arrays:
+            encoded = self.processor.encode(pieces, num_threads=1, return_type="numpy")
+            return np.concatenate(encoded, dtype=np.uint32, casting="unsafe")
+        ids = array.array("i")
+        for piece in self.processor.encode(pieces, num_threads=1):
+            ids.extend(piece)
+        return np.frombuffer(ids, dtype=np.int32).astype(np.uint32)
+
+
+def _returns_arrays(processor: spm.SentencePieceProcessor) -> bool:
+    """Whether this SentencePiece returns NumPy arrays (return_type="numpy", since 0.2.1): no Python int per id."""
+    try:
+        return isinstance(processor.encode(["a"], num_threads=1, return_type="numpy")[0], np.ndarray)
+    except (TypeError, ValueError):
+        return False
+
+
+def load_encoder(proto: bytes) -> TokenEncoder:
+    """The encoder for a tokenizer file's bytes (today: SentencePiece models)."""
+    return SentencePieceEncoder(proto)

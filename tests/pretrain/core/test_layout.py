@@ -1,0 +1,91 @@
+"""Which resumes DeepSpeed loads as they are, which are converted, and which cannot continue at all."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from common.errors import UserError
+from pretrain.core.config import RunConfig, validate_run
+from pretrain.core.layout import Layout, resume_problems
+from pretrain.core.model_config import ModelConfig
+
+BASE = Layout(
+    zero_stage=2, pipeline_stages=1, data_parallel_size=2, precision="fp32", compiled=False, partition_method=""
+)
+
+
+def test_only_a_change_that_keeps_every_rank_file_loads_natively() -> None:
+    assert BASE.loads_natively_into(BASE)
+    for other in (
+        replace(BASE, data_parallel_size=1),  # ZeRO partitions over another number of ranks
+        replace(BASE, zero_stage=3),
+        replace(BASE, precision="bf16"),
+        replace(BASE, compiled=True),  # parameter names change (_orig_mod.)
+        replace(BASE, pipeline_stages=2, partition_method="parameters"),
+    ):
+        assert not BASE.loads_natively_into(other), other
+    zero0 = replace(BASE, zero_stage=0)
+    assert zero0.loads_natively_into(replace(zero0, data_parallel_size=5))  # nothing partitioned: any size
+    piped = replace(zero0, pipeline_stages=2, partition_method="parameters")
+    assert piped.loads_natively_into(replace(piped, data_parallel_size=1))
+    assert not piped.loads_natively_into(replace(piped, partition_method="uniform"))  # other layers per stage
+    bf16_pipe = replace(piped, precision="bf16")  # DeepSpeed's BF16_Optimizer partitions even at ZeRO-0
+    assert bf16_pipe.partitions_optimizer and not bf16_pipe.loads_natively_into(
+        replace(bf16_pipe, data_parallel_size=1)
+    )
+
+
+def test_layout_of_a_run_and_of_its_checkpoint_agree() -> None:
+    config = RunConfig(zero_stage=1, precision="bf16")
+    config.parallel.pipeline_stages = 2
+    run = Layout.of_run(config, world_size=4)
+    assert run == Layout(1, 2, 2, "bf16", False, "parameters")
+    from common.app import to_container
+
+    state = {"zero_stage": 1, "pipeline_stages": 2, "world_size": 4, "config": to_container(config)}
+    assert Layout.of_checkpoint(state) == run
+    assert run.describe() == "ZeRO-1, 2 pipeline stages x 2 data-parallel ranks, bf16"
+
+
+def _run_with_checkpoint(root: Path, model: ModelConfig, tokenizer_sha256: str = "abc") -> RunConfig:
+    checkpoint = root / "checkpoints" / "step-00000004"
+    checkpoint.mkdir(parents=True)
+    state = {"trainer": {"step": 4}, "model": asdict(model), "tokenizer_sha256": tokenizer_sha256, "zero_stage": 2}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / "COMPLETE").write_text("step-00000004\n")
+    config = RunConfig(run_dir=str(root))
+    config.model = replace(model)
+    return config
+
+
+def test_another_model_or_tokenizer_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    trained = ModelConfig(name="tiny", vocab_size=1024, n_layer=2, n_head=2, d_model=64, max_seq_len=64)
+    config = _run_with_checkpoint(tmp_path, trained)
+    manifest = SimpleNamespace(vocab_size=1024, tokenizer_sha256="abc")
+    assert resume_problems(config, manifest, 3).messages == []  # any world size: a layout change converts
+    # What does not shape the weights may change on resume.
+    config.model = replace(trained, dropout=0.1, name="renamed", doc_mask=True)
+    assert resume_problems(config, manifest, 1).messages == []
+    config.model = replace(trained, n_layer=4, d_model=128)
+    messages = resume_problems(config, manifest, 1).messages
+    assert len(messages) == 2
+    assert messages[0].startswith("model.n_layer=4: the run's latest checkpoint")
+    assert "has model.n_layer=2; resume with model.n_layer=2, or start a new run_dir" in messages[0]
+    assert messages[1].startswith("model.d_model=128")
+    config.model = trained
+    other_vocabulary = SimpleNamespace(vocab_size=2048, tokenizer_sha256="def")
+    messages = resume_problems(config, other_vocabulary, 1).messages
+    assert "model.vocab_size=2048" in messages[0] and "use a new run_dir for this dataset" in messages[1]
+    # The same checks run with every other config check, before any process group.
+    config.model = replace(trained, n_layer=3)
+    with pytest.raises(UserError, match=r"model\.n_layer=3: the run's latest checkpoint"):
+        validate_run(config, None, 1)
+
+
+def test_a_run_without_checkpoint_has_nothing_to_resume(tmp_path: Path) -> None:
+    assert resume_problems(RunConfig(run_dir=str(tmp_path / "new")), None, 1).messages == []
