@@ -13,7 +13,9 @@ import pytest
 
 from common.errors import UserError
 from data_prep.manifest import load_manifest
-from pretrain.core.data import build_index, check_shards, index_file
+from pretrain.core.config import RunConfig
+from pretrain.core.data import build_index, check_shards, index_file, open_sources
+from pretrain.core.mixture import DataSources
 from tests.launch.runs import SMALL
 from tests.support import REPO
 
@@ -92,3 +94,23 @@ def test_a_corrupt_shard_stops_every_rank_with_one_line_and_no_restart(dataset: 
     assert "Traceback" not in output and "Worker group FAILED" not in output  # not restarted: it would not help
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
     assert '"user_error": true' in (run / "status.json").read_text()
+
+
+def test_every_source_of_a_mixture_is_checked(mixture_sources: tuple[Path, Path], tmp_path: Path) -> None:
+    # Copies of both sources (under the names a mixture shows them by); the second one's last shard damaged.
+    books, poems = (Path(shutil.copytree(source, tmp_path / source.name)) for source in mixture_sources)
+    sources = DataSources.from_config(RunConfig(data_dirs=[str(books), str(poems)], data_weights=[0.5, 0.5]))
+    manifest = load_manifest(poems)
+    split = "val" if manifest.splits.get("val") and manifest.splits["val"].samples else "train"
+    shard = poems / manifest.splits[split].shards[-1].name
+    original = shard.read_bytes()
+    flip_a_byte(shard, len(original) // 2)
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match=rf"^shard {shard} does not match its sha256 in the manifest"):
+        open_sources(sources, cache)
+    assert not index_file(manifest, split, cache).exists()  # rank 0 indexes only once every check passed
+    shard.write_bytes(original)
+    train, validation = open_sources(sources, cache)
+    assert set(validation) == {s.name for s in sources.sources if s.has_val}
+    assert len(train) == sum(load_manifest(s).splits["train"].samples for s in (books, poems))
+    assert index_file(manifest, split, cache).is_file()

@@ -72,10 +72,14 @@ def test_spikes_roll_back_skip_their_data_and_the_limit_stops_the_run(tiny_datas
     assert traced_samples(tmp_path) == {
         step: sorted(order(p) for p in range(start, start + GLOBAL_BATCH)) for step, start in enumerate(starts, 1)
     }
-    # W&B: the rollback counter at each rolled-back step.
+    # W&B: the rollback counter in the row of each step that spiked. Its history is at the trainer's step and only
+    # grows: each step has one row, the first record of it (the steps a rollback trains again are not re-logged).
     (folder,) = (tmp_path / "wandb").glob("offline-run-*")
     (log,) = folder.glob("run-*.wandb")
-    logged = [row for row in history_rows(wandb_records(log)) if "rollback/to_step" in row]
+    rows = history_rows(wandb_records(log))
+    assert [row["_step"] for row in rows] == list(range(1, 14)), [row["_step"] for row in rows]
+    assert all(row["step"] == row["_step"] for row in rows)
+    logged = [row for row in rows if "rollback/to_step" in row]
     assert [(row["step"], row["rollbacks"], row["rollback/to_step"]) for row in logged] == [
         (6, 1, 4),
         (9, 2, 8),
