@@ -16,6 +16,11 @@ invocation loses what wandb-core had not yet written to its file (it buffers up 
 invocation logs those rows again from metrics.jsonl (each line of which was on disk before the next step), up
 to the checkpoint it resumes from, then its own steps: the W&B history holds every logged step once.
 
+A loss-spike rollback goes back in steps, and W&B's history cannot (a row is not rewritten; a `_step` below the
+last is dropped): the rollback's metrics go into the row of the step that spiked, which is committed, the steps
+trained again up to it are not logged a second time (W&B keeps their first values, the spike; metrics.jsonl has
+the new ones), and rows go on from the next step. The backfill logs a rollback entry as those same metrics.
+
 Every metric written to metrics.jsonl is logged under the same name (per-source ones too: tokens/<source>,
 val_loss/<source>, and the data mixture's data_weight/<source> at its start and at each change), with `step`
 as every chart's x-axis and `tokens` declared as the other one; the resolved config is the run's config. The
