@@ -3,12 +3,14 @@
 The recipe, used for every file a crash must not break (the dataset manifest, checkpoint state and its
 markers, status.json, the metrics history, exports): write a temporary file beside the target, fsync it,
 rename it over the target (atomic on POSIX), then fsync the directory so the rename itself survives a power
-loss. Appending a line (metrics.jsonl) writes the whole line in one `write` call and fsyncs it.
+loss. Appending a line (metrics.jsonl) writes the whole line in one `write` call and fsyncs it; a write the
+disk refuses half-way (ENOSPC) is cut back off, so the file never ends in a torn line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -66,9 +68,19 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one line (without its newline) in a single write, flushed to disk."""
+    """Append one line (without its newline) in a single write, flushed to disk; on failure the file is left
+    as it was and the OSError raised."""
     data = (line + "\n").encode("utf-8")
-    with open(path, "ab") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(descriptor).st_size
+        try:
+            written = os.write(descriptor, data)
+            if written != len(data):  # a full disk takes part of the line, then refuses the rest
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({written} of {len(data)} bytes written)")
+            os.fsync(descriptor)
+        except OSError:
+            os.ftruncate(descriptor, size)
+            raise
+    finally:
+        os.close(descriptor)

@@ -56,6 +56,14 @@ class LocalLauncherConfig:
     hostfile: str | None = None
     # Seconds the ranks get to finish their step and checkpoint after a stop signal before they are killed.
     stop_timeout_s: int = 300
+    # torchrun only: restarts of this node's ranks after a failure (a rank died, or lost its peers: a node died
+    # or hangs), each resuming from the last checkpoint; the same command brings a lost node back into the run.
+    # A node other than 0 whose torchrun ended with node 0 (the rendezvous host) starts it again, as often.
+    # 0: a failure ends the run.
+    max_restarts: int = 0
+    # torchrun only: seconds the nodes wait in the rendezvous for a lost node to come back (and the other nodes
+    # for node 0) before they give up.
+    join_timeout_s: int = 600
 
     @property
     def world_size(self) -> int:
@@ -91,6 +99,15 @@ class LocalLauncherConfig:
             )
             problems.check(Path(self.hostfile).is_file(), "launcher.hostfile", self.hostfile, "is not a file")
         problems.check(self.stop_timeout_s >= 1, "launcher.stop_timeout_s", self.stop_timeout_s, "must be >= 1")
+        problems.check(self.max_restarts >= 0, "launcher.max_restarts", self.max_restarts, "must be >= 0")
+        problems.check(self.join_timeout_s >= 1, "launcher.join_timeout_s", self.join_timeout_s, "must be >= 1")
+        if self.program != "torchrun":
+            problems.check(
+                self.max_restarts == 0,
+                "launcher.max_restarts",
+                self.max_restarts,
+                "needs launcher.program=torchrun (the DeepSpeed launcher does not restart ranks)",
+            )
         return problems
 
 
@@ -130,6 +147,9 @@ class SlurmLauncherConfig:
     requeue: bool = True
     # Requeues after which the job stops requeueing itself (a guard against a run that never progresses).
     max_requeues: int = 100
+    # Requeue after a failure (a node died, a rank crashed or lost its peers: the run ended without a verdict)
+    # up to this many times in a row without a new checkpoint in between; 0: a failure ends the job.
+    requeue_failures: int = 3
     # Port of the c10d rendezvous on the job's first node; unset: derived from the job id (20000 + id % 20000),
     # so jobs sharing a node do not collide.
     rdzv_port: int | None = None
@@ -159,6 +179,7 @@ class SlurmLauncherConfig:
             )
         problems.check(self.signal_lead_s >= 0, "launcher.signal_lead_s", self.signal_lead_s, "must be >= 0")
         problems.check(self.max_requeues >= 0, "launcher.max_requeues", self.max_requeues, "must be >= 0")
+        problems.check(self.requeue_failures >= 0, "launcher.requeue_failures", self.requeue_failures, "must be >= 0")
         if self.time is not None:
             limit = slurm_time_seconds(self.time)
             if limit is None:

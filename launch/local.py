@@ -3,6 +3,12 @@
 The launcher process stays in front of the ranks: a stop signal it receives (SIGTERM, SIGINT, SIGUSR1,
 SIGHUP) reaches every rank, which finishes its step, checkpoints and exits 0; the launcher then exits 0 if
 the main rank reported the stop in RUN/status.json, 1 otherwise.
+
+With launcher.max_restarts (torchrun), a failure restarts the ranks from the last checkpoint (rendezvous.py),
+and the ranks exit 0 whenever the run ends by a decision, leaving it in RUN/status.json: the launcher exits
+with it (0 finished or stopped, 1 failed, 2 a user error). Losing node 0, which hosts the rendezvous, ends
+torchrun on every node; a node other than 0 then starts its torchrun again (as often as max_restarts), which
+waits up to launcher.join_timeout_s for node 0 to come back with the same command.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ def local_command(config: LaunchConfig, args: list[str], port: int, hostfile: st
             # Explicit, since the "nodes" of a run by hand may share one machine (and one address).
             is_host=launcher.node_rank == 0,
             stop_timeout_s=launcher.stop_timeout_s,
+            max_restarts=launcher.max_restarts,
+            join_timeout_s=launcher.join_timeout_s,
         )
         return torchrun_command(python, rendezvous, config.launch.module, args)
     # The DeepSpeed launcher, started on each machine by hand (--no_ssh): pdsh needs ssh between nodes,
@@ -87,7 +95,38 @@ def run_local(config: LaunchConfig, args: list[str]) -> int:
             # What torchrun sets and the DeepSpeed launcher does not: the same rank environment either way.
             env["LOCAL_WORLD_SIZE"] = str(launcher.nproc_per_node)
             env.setdefault("OMP_NUM_THREADS", "1")
-        return _run_and_forward(command, env, launcher.program, Path(config.run_dir))
+        run_dir = Path(config.run_dir)
+        started = time.time()
+        code = _run_and_forward(command, env, launcher.program, run_dir)
+        # Node 0 (the rendezvous host) was lost: torchrun ended here too; join again for when it comes back.
+        rejoins = launcher.max_restarts if launcher.program == "torchrun" and launcher.node_rank > 0 else 0
+        for attempt in range(1, rejoins + 1):
+            if code == 0 or _final_status(run_dir, started) is not None:
+                break
+            print(
+                f"launch: torchrun of node {launcher.node_rank} ended (exit code {code}) before the run did: joining "
+                f"the rendezvous at {launcher.master_addr}:{port} again ({attempt}/{rejoins}), waiting up to "
+                f"{launcher.join_timeout_s} s for node 0",
+                file=sys.stderr,
+                flush=True,
+            )
+            code = _run_and_forward(command, env, launcher.program, run_dir)
+        if (status := _final_status(run_dir, started)) is not None:
+            # The run ended by a decision, which sets the exit code: under restarts the ranks exit 0 whatever the
+            # verdict, and this node's torchrun may fail after it (node 0's agent, which hosts the rendezvous,
+            # left first: measured after a stop signal to node 0).
+            return int(status["exit_code"])
+        return code
+
+
+def _final_status(run_dir: Path, since: float) -> dict | None:
+    """The verdict this invocation's main rank wrote in RUN/status.json (None: none yet), with its exit code."""
+    run = RunDir(run_dir)
+    with contextlib.suppress(OSError):
+        if run.status_file.stat().st_mtime >= since and (status := run.read_status()) is not None:
+            failed, user_error = status.get("state") == "failed", bool(status.get("user_error"))
+            return {**status, "exit_code": (2 if user_error else 1) if failed else 0}
+    return None
 
 
 def _run_and_forward(command: list[str], env: dict[str, str], program: str, run_dir: Path) -> int:
@@ -128,8 +167,5 @@ def _signal_targets(child: subprocess.Popen[bytes], program: str) -> list[psutil
 
 def _stopped_cleanly(run_dir: Path, since: float) -> bool:
     """Whether this invocation's main rank wrote a clean end (not an earlier invocation's status)."""
-    run = RunDir(run_dir)
-    with contextlib.suppress(OSError):
-        if run.status_file.stat().st_mtime >= since:
-            return (run.read_status() or {}).get("state") in ("stopped", "finished")
-    return False
+    status = _final_status(run_dir, since)
+    return status is not None and status.get("state") in ("stopped", "finished")

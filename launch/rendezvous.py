@@ -32,6 +32,11 @@ class Rendezvous:
     is_host: bool | None = None
     # Seconds the ranks get after a forwarded stop signal (step, checkpoint) before torchrun kills them.
     stop_timeout_s: int = 300
+    # Times torchrun restarts this node's ranks after a failure (0: a failure ends the node's torchrun).
+    max_restarts: int = 0
+    # Seconds the nodes wait in the rendezvous for the missing ones (a lost node coming back), and a node other
+    # than the store's host for the store (node 0 coming back); None: torchrun's defaults (600 s and 60 s).
+    join_timeout_s: int | None = None
 
 
 def torchrun_command(python: str, rendezvous: Rendezvous, module: str, args: Sequence[str]) -> list[str]:
@@ -47,9 +52,16 @@ def torchrun_command(python: str, rendezvous: Rendezvous, module: str, args: Seq
         f"--rdzv_id={rendezvous.run_id}",
         f"--signals_to_handle={','.join(FORWARDED_SIGNALS)}",
         f"--shutdown_timeout={rendezvous.stop_timeout_s}",
-        # A failed rank fails the node; the job's requeue logic (or the user) restarts from the checkpoint.
-        "--max_restarts=0",
+        # 0: a failed rank fails the node, and the job's requeue logic (or the user) restarts from the checkpoint.
+        f"--max_restarts={rendezvous.max_restarts}",
     ]
+    options = []
     if rendezvous.is_host is not None:
-        command.append(f"--rdzv_conf=is_host={str(rendezvous.is_host).lower()}")
+        options.append(f"is_host={str(rendezvous.is_host).lower()}")
+    if rendezvous.join_timeout_s is not None:
+        options.append(f"join_timeout={rendezvous.join_timeout_s}")
+        if rendezvous.is_host is False:
+            options.append(f"read_timeout={rendezvous.join_timeout_s}")
+    if options:
+        command.append(f"--rdzv_conf={','.join(options)}")
     return [*command, "-m", module, *args]

@@ -13,6 +13,11 @@ first node, on a port derived from the job id. Stopping and requeueing:
    the script runs `scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue under the same id and
    the same command resumes from the latest checkpoint. The log is opened in append mode, so it tells the
    whole story across requeues.
+4. A failed node is handled as a preemption is: its torchrun ends, `srun --kill-on-bad-exit` stops the other
+   nodes' (whose ranks have reported the lost peer), the run ends without a verdict, and the job requeues
+   itself (launcher.requeue_failures times in a row at most without a new checkpoint); Slurm allocates the
+   requeued job healthy nodes. (A failure of the node running this script is Slurm's: with --requeue, Slurm
+   requeues the job itself.)
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ def render_script(config: LaunchConfig, args: list[str]) -> str:
     ]
     port = str(launcher.rdzv_port) if launcher.rdzv_port else "$((20000 + SLURM_JOB_ID % 20000))"
     max_requeues = launcher.max_requeues if launcher.requeue else 0
+    requeue_failures = launcher.requeue_failures if launcher.requeue else 0
     lines = [
         "#!/bin/bash",
         f"# Written by `python -m launch launcher=slurm` for the run in {run_dir}.",
@@ -136,7 +142,7 @@ def render_script(config: LaunchConfig, args: list[str]) -> str:
         "while kill -0 $srun_pid 2>/dev/null; do wait $srun_pid; code=$?; done  # wait again after a trap",
         "",
         f'verdict=$({shlex.quote(python)} -m launch.status "$run_dir" --restarts "${{SLURM_RESTART_COUNT:-0}}"'
-        f" --max-requeues {max_requeues})",
+        f" --max-requeues {max_requeues} --requeue-failures {requeue_failures})",
         'case "$verdict" in',
         '    requeue) scontrol requeue "$SLURM_JOB_ID"; exit 0 ;;',
         "    finished | stopped) exit 0 ;;",

@@ -9,16 +9,22 @@ job script acts upon, and the reason on stderr (into the job's log):
 - `stopped`: stopped for good: SIGTERM or SIGINT (a `scancel`, which `scontrol requeue` would otherwise undo;
   a preemption that Slurm requeues itself), another stop reason (e.g. the emissions budget), or the requeue
   budget spent.
-- `failed`: the run failed, or ended without writing its status (a crash).
+- `requeue` too after a failure that a restart may fix: the run ended without writing its status (a node
+  died, a rank crashed, or lost its peers and exited), up to `--requeue-failures` times in a row without a new
+  checkpoint in between (counted in RUN/failures.json), so that a failure that repeats does not loop.
+- `failed`: the run failed for a reason it reported (bad data, a full disk, a diverging loss), or crashed more
+  often than that.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import write_json_atomic
 from pretrain.core.run_dir import RunDir
 
 
@@ -28,13 +34,11 @@ class Verdict:
     why: str
 
 
-def decide(run_dir: Path, restarts: int, max_requeues: int) -> Verdict:
+def decide(run_dir: Path, restarts: int, max_requeues: int, requeue_failures: int = 0) -> Verdict:
     run = RunDir(run_dir)
     status = run.read_status()
     if status is None:
-        return Verdict(
-            "failed", f"{run.status_file} is missing: the run ended before writing it (see the errors above)"
-        )
+        return _after_failure(run, restarts, max_requeues, requeue_failures)
     state, reason = status.get("state"), status.get("reason") or ""
     where = f"step {status.get('step')} of {status.get('max_steps')}"
     if state == "finished":
@@ -49,13 +53,40 @@ def decide(run_dir: Path, restarts: int, max_requeues: int) -> Verdict:
     return Verdict("requeue", f"stopped at {where} ({reason}): requeueing")
 
 
+def _after_failure(run: RunDir, restarts: int, max_requeues: int, requeue_failures: int) -> Verdict:
+    why = f"{run.status_file} is missing: the run ended without a verdict (a node died, or a rank crashed or lost its peers)"
+    latest = run.latest_checkpoint()
+    step = latest.step if latest is not None else -1
+    try:
+        record = json.loads(run.launch_failures.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    # Failures in a row without a new checkpoint in between: a failure that repeats stops the requeues.
+    count = int(record.get("count", 0)) + 1 if int(record.get("checkpoint", -1)) >= step else 1
+    try:
+        write_json_atomic(run.launch_failures, {"count": count, "checkpoint": step})
+    except OSError as error:
+        return Verdict("failed", f"{why}; {run.launch_failures} not writable ({error}): not requeued")
+    if count > requeue_failures:
+        return Verdict(
+            "failed",
+            f"{why}; {count} failure(s) in a row without a new checkpoint (launcher.requeue_failures="
+            f"{requeue_failures}): not requeued",
+        )
+    if restarts >= max_requeues:
+        return Verdict("failed", f"{why}; requeued {restarts} times already: not requeued")
+    at = f"from {latest.tag}" if latest is not None else "from the start"
+    return Verdict("requeue", f"{why}: requeueing to resume {at} (failure {count} of {requeue_failures} in a row)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m launch.status", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--restarts", type=int, default=0, help="times the job was requeued ($SLURM_RESTART_COUNT)")
     parser.add_argument("--max-requeues", type=int, default=0)
+    parser.add_argument("--requeue-failures", type=int, default=0, help="requeues after failures in a row")
     args = parser.parse_args(argv)
-    verdict = decide(args.run_dir, args.restarts, args.max_requeues)
+    verdict = decide(args.run_dir, args.restarts, args.max_requeues, args.requeue_failures)
     print(verdict.why, file=sys.stderr, flush=True)
     print(verdict.action, flush=True)
 

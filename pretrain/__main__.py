@@ -1,13 +1,23 @@
-"""`python -m pretrain data_dir=DIR run_dir=RUN model=tiny ...`; the same under torchrun or deepspeed."""
+"""`python -m pretrain data_dir=DIR run_dir=RUN model=tiny ...`; the same under torchrun or deepspeed.
+
+Exit codes: 0 finished or stopped (resumable); 1 failed; 2 a user error (one `error:` line). Under torchrun with
+restarts (launcher.max_restarts > 0) a non-zero exit asks torchrun to restart the ranks, so a run that ends by
+a decision exits 0 and leaves the verdict in RUN/status.json (python -m launch exits with it), and a rank that
+lost its peers prints one line and exits 1: the restart resumes from the last checkpoint.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
-from common.app import run_app, sweep_point
+from common.app import report_user_error, run_app, sweep_point
+from common.errors import UserError
 from pretrain.core.config import RunConfig, register_configs, validate_run
 from pretrain.core.mixture import DataSources
 from pretrain.core.run_dir import RunDir, SweepPoint
+
+EXIT_LOST_PEER = 1
 
 
 def train(config: RunConfig) -> int:
@@ -19,14 +29,40 @@ def train(config: RunConfig) -> int:
     if point is not None and os.environ.get("RANK", "0") == "0":
         RunDir(config.run_dir).write_sweep(SweepPoint(**point))
     # Imported here so that `--help` and config errors do not pay for importing DeepSpeed.
-    from pretrain.core.distributed import init_distributed, shutdown
+    from pretrain.core.distributed import (
+        die_with_launcher,
+        init_distributed,
+        lost_peer_line,
+        restarts_enabled,
+        shutdown,
+    )
+    from pretrain.core.run_dir import Outcome
     from pretrain.core.trainer import Trainer
 
-    world = init_distributed()
+    die_with_launcher()
+    world = init_distributed(config.distributed.timeout_s)
+    trainer = Trainer(config, sources, world)
     try:
-        return Trainer(config, sources, world).run()
+        try:
+            code = trainer.run()
+        except UserError as error:
+            # Every rank meets the same bad input (the checks that find it are collective): a restart cannot fix it.
+            trainer.record_outcome(Outcome("failed", str(error), user_error=True))
+            if not restarts_enabled():
+                raise
+            report_user_error(error)
+        except Exception as error:
+            line = lost_peer_line(error, world.label, trainer.state.step + 1)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # Neither the process group's teardown nor the data loader's: both may wait on the peer that is gone.
+            os._exit(EXIT_LOST_PEER)
     finally:
+        trainer.watchdog.stop()
         shutdown()
+    return 0 if restarts_enabled() else code
 
 
 def main() -> None:

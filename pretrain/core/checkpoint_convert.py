@@ -40,6 +40,7 @@ from common.errors import UserError
 from common.files import stale_temporaries
 from pretrain.core.engine import parameter_groups
 from pretrain.core.layout import Layout, saved_model
+from pretrain.core.library_internals import weights_only_loads
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
 from pretrain.core.pipeline_model import layer_file, plain_layer_names, plain_parameter_name
@@ -60,8 +61,10 @@ class Piece:
 
 
 def _load(path: Path) -> Any:
-    # mmap: tensors stay on disk until read, so holding every rank's file open costs no memory.
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    # mmap: tensors stay on disk until read, so holding every rank's file open costs no memory. weights_only,
+    # DeepSpeed's checkpoint classes allowlisted: converting a checkpoint runs none of its pickled code.
+    with weights_only_loads():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def _step(states: list[dict[str, Any]]) -> int | None:

@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 
 from common.errors import ConfigProblems, UserError
 from pretrain.core.callbacks.carbon import CarbonConfig
+from pretrain.core.callbacks.spikes import RollbackConfig
 from pretrain.core.callbacks.wandb_run import WandbConfig
 from pretrain.core.layout import resume_problems
 from pretrain.core.mixture import DataSources
@@ -97,17 +98,55 @@ class EvalConfig:
         return problems
 
 
+SAVE_FAILURE_POLICIES = ("stop", "continue")
+
+
 @dataclass
 class CheckpointConfig:
     # Steps between checkpoints; 0 saves only at the end and on a signal.
     interval: int = 500
     # Complete checkpoints kept; older ones are deleted once a newer one is complete.
     keep_last: int = 3
+    # A save that fails (disk full, run directory unwritable) never leaves a checkpoint marked complete, and the
+    # previous one stays the latest. Then "stop": the run stops with one line (exit 2); "continue": a warning,
+    # training goes on and the next interval saves again (the final save must succeed).
+    on_failure: str = "stop"
 
     def problems(self) -> ConfigProblems:
         problems = ConfigProblems()
         problems.check(self.interval >= 0, "checkpoint.interval", self.interval, "must be >= 0")
         problems.check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+        problems.check(
+            self.on_failure in SAVE_FAILURE_POLICIES,
+            "checkpoint.on_failure",
+            self.on_failure,
+            "must be stop or continue",
+        )
+        return problems
+
+
+@dataclass
+class DistributedConfig:
+    """How long a rank waits for the others before it ends the invocation, reporting a lost or hung peer in one
+    line; torchrun (launcher.max_restarts) or Slurm (a requeue) then restarts the run from its last checkpoint.
+
+    A peer whose process died is noticed at once (its sockets close); these bound the wait for one that hangs
+    (a stuck GPU, a frozen node, a network partition). Keep them above the slowest legitimate wait."""
+
+    # Seconds a collective of the main process group may wait for its peers, and the progress deadline of the
+    # phases around training: start-up (index, engine, restore), checkpoint saves and evaluations. NCCL's own
+    # default is 10 minutes, gloo's 30.
+    timeout_s: int = 1800
+    # Seconds one training step may take (data wait included) before the rank gives up on its peers: the
+    # progress watchdog, which also covers DeepSpeed's own process groups (they ignore timeout_s). 0: off.
+    step_timeout_s: int = 1800
+
+    def problems(self) -> ConfigProblems:
+        problems = ConfigProblems()
+        problems.check(self.timeout_s >= 1, "distributed.timeout_s", self.timeout_s, "must be >= 1")
+        problems.check(
+            self.step_timeout_s >= 0, "distributed.step_timeout_s", self.step_timeout_s, "must be >= 0 (0: off)"
+        )
         return problems
 
 
@@ -162,6 +201,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
     # Extra DeepSpeed config keys, merged over the generated config (e.g. {"zero_optimization": {...}}).
@@ -175,6 +216,8 @@ class RunConfig:
         problems.extend(self.train.problems())
         problems.extend(self.eval.problems())
         problems.extend(self.checkpoint.problems())
+        problems.extend(self.distributed.problems())
+        problems.extend(self.rollback.problems())
         problems.check(bool(self.run_dir), "run_dir", self.run_dir, "must name a directory")
         problems.check(
             self.activation_checkpointing_interval >= 1,
@@ -275,6 +318,7 @@ def run_problems(config: RunConfig, sources: DataSources | None, world_size: int
             f"must be a multiple of train.micro_batch_size ({train.micro_batch_size}) x data-parallel size "
             f"({data_parallel} = world size {world_size} / pipeline stages {stages}) = {per_step}",
         )
+    problems.extend(rollback_problems(config))
     problems.extend(sources.problems())
     if sources.ready:
         manifest = sources.manifest  # what every source shares: vocabulary, seq_len
@@ -294,6 +338,27 @@ def run_problems(config: RunConfig, sources: DataSources | None, world_size: int
             problems.extend(_resume_problems(config, sources))
     # The checkpoint the run resumes from: any layout converts, another model or tokenizer cannot continue.
     problems.extend(resume_problems(config, sources.manifest if sources.ready else None, world_size))
+    return problems
+
+
+def rollback_problems(config: RunConfig) -> ConfigProblems:
+    """A rollback reloads the last periodic checkpoint, and acts on non-finite losses before the run stops on them."""
+    problems = ConfigProblems()
+    rollback = config.rollback
+    if not rollback.enabled:
+        return problems
+    problems.check(
+        config.checkpoint.interval > 0,
+        "checkpoint.interval",
+        config.checkpoint.interval,
+        "must be > 0 with rollback.enabled=true: a rollback reloads the last periodic checkpoint",
+    )
+    problems.check(
+        rollback.nonfinite_steps < config.train.max_nonfinite_steps,
+        "rollback.nonfinite_steps",
+        rollback.nonfinite_steps,
+        f"must be below train.max_nonfinite_steps ({config.train.max_nonfinite_steps}), which stops the run first",
+    )
     return problems
 
 

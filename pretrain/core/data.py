@@ -14,6 +14,10 @@ sample's byte offset is indexed once from the tar headers, so any sample is one 
 
 So the cursor `c = consumed_samples` is the whole data state: it does not depend on world size or worker
 count, and resuming at `c` with any layout continues with exactly the samples an uninterrupted run would see.
+
+Damaged data is found before any of its samples is used: when a split is first indexed, every shard's bytes are
+checked against the manifest's sha256 (the trainer shares the shards out among its ranks), and the index is
+cached only then; later runs check each shard's presence and size.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.errors import UserError
-from data_prep.manifest import Manifest
+from data_prep.manifest import Manifest, sha256_file
 from pretrain.core.sample_order import GlobalOrder
 
 if TYPE_CHECKING:
@@ -83,18 +87,53 @@ def _scan_tar(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
     return members
 
 
-def build_index(root: Path, manifest: Manifest, split: str, cache_dir: Path | None) -> ShardIndex:
-    """Index a split's shards (cached in `cache_dir`, keyed by the shards' sha256)."""
-    paths = [str(p) for p in manifest.shard_paths(root, split)]
+def check_shards(
+    root: Path, manifest: Manifest, split: str, check_hash: bool = True, rank: int = 0, world_size: int = 1
+) -> None:
+    """Raise a UserError naming the first shard that is missing or whose bytes differ from the manifest (its
+    size; with check_hash its sha256), among the split's shards number rank, rank + world_size, ..."""
+    inspect = f"check the dataset with `python -m data_prep.inspect_dataset {root}`"
+    for info in manifest.splits[split].shards[rank::world_size]:
+        path = root / info.name
+        if not path.is_file():
+            raise UserError(
+                f"shard {path} listed in the manifest is missing; {inspect}, then restore it or prepare the "
+                "dataset again"
+            )
+        size = path.stat().st_size
+        if size != info.bytes:
+            raise UserError(
+                f"shard {path} has {size} bytes, the manifest says {info.bytes} (truncated or replaced); {inspect}, "
+                "then restore it or prepare the dataset again"
+            )
+        if check_hash and sha256_file(path) != info.sha256:
+            raise UserError(
+                f"shard {path} does not match its sha256 in the manifest (corrupt: its bytes changed since data_prep "
+                f"wrote it); {inspect}, then restore it or prepare the dataset again"
+            )
+
+
+def index_file(manifest: Manifest, split: str, cache_dir: Path) -> Path:
+    """Where a split's index is cached: keyed by the shards' sha256, so another dataset never reuses it."""
     key = hashlib.sha256("".join(s.sha256 for s in manifest.splits[split].shards).encode()).hexdigest()[:20]
-    cached = cache_dir / f"index-{split}-{key}.npz" if cache_dir else None
+    return cache_dir / f"index-{split}-{key}.npz"
+
+
+def build_index(
+    root: Path, manifest: Manifest, split: str, cache_dir: Path | None, verified: bool = False
+) -> ShardIndex:
+    """Index a split's shards, cached in `cache_dir`. Indexing first checks every shard's sha256 (unless the
+    caller did: `verified`); a cached index exists only for shards that passed, and loading it checks each
+    shard's presence and size."""
+    paths = [str(p) for p in manifest.shard_paths(root, split)]
+    cached = index_file(manifest, split, cache_dir) if cache_dir else None
     if cached is not None and cached.is_file():
+        check_shards(root, manifest, split, check_hash=False)
         arrays = np.load(cached)
         return ShardIndex(paths, *(arrays[name] for name in ShardIndex.__dataclass_fields__ if name != "paths"))
+    check_shards(root, manifest, split, check_hash=not verified)
     rows: list[tuple[int, int, int, int, int]] = []
     for number, (path, info) in enumerate(zip(paths, manifest.splits[split].shards, strict=True)):
-        if not os.path.isfile(path):
-            raise UserError(f"shard {path} listed in the manifest is missing; prepare the dataset again")
         members = _scan_tar(Path(path))
         for sample_key in sorted(members):
             arrays = members[sample_key]
@@ -106,7 +145,7 @@ def build_index(root: Path, manifest: Manifest, split: str, cache_dir: Path | No
         if found != info.samples:
             raise UserError(
                 f"shard {path} holds {found} samples but the manifest says {info.samples} (corrupt or replaced); "
-                "check it with `python -m data_prep.inspect_dataset`"
+                f"check the dataset with `python -m data_prep.inspect_dataset {root}`"
             )
     table = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
     index = ShardIndex(
@@ -201,19 +240,58 @@ class MixedSamples(Dataset):
         return [f"{self.names[s]}/{n}" for s, n in map(self.locate, indices)]
 
 
+def _raise(problem: str | None) -> None:
+    if problem is not None:
+        raise UserError(problem)
+
+
 def open_sources(
-    sources: DataSources, cache: Path | None
+    sources: DataSources,
+    cache: Path | None,
+    rank: int = 0,
+    world_size: int = 1,
+    agree: Callable[[str | None], None] = _raise,
 ) -> tuple[TokenSamples | MixedSamples, dict[str, TokenSamples]]:
-    """The training dataset (one source's samples, or a mixture's concatenated in config order) and each
-    source's validation split (by source name; sources without one left out). Indexes the shards the cache
-    does not hold yet."""
+    """Collective: the training dataset (one source's samples, or a mixture's concatenated in config order) and
+    each source's validation split (by source name; sources without one left out), as every rank opens them.
+
+    Every split of every source that the cache does not hold yet is verified first: the ranks share out the
+    sha256 checks of its shards, then rank 0 indexes it (the others read its cached index). `agree(problem)` is
+    called by every rank alike with its problem or None, and raises on every rank when any has one
+    (distributed.raise_on_every_rank), so that no rank waits for the others. Without a cache every rank checks
+    and indexes on its own."""
     seq_len = sources.manifest.seq_len
+    splits = [(s, split) for s in sources.sources for split in (("train", "val") if s.has_val else ("train",))]
+    if cache is None:
+        rank, world_size = 0, 1
+    problem = None
+    try:
+        for source, split in splits:
+            assert source.manifest is not None
+            if cache is None or not index_file(source.manifest, split, cache).is_file():
+                check_shards(source.path, source.manifest, split, True, rank, world_size)
+    except UserError as error:
+        problem = str(error)
+    agree(problem)
+    try:
+        if rank == 0 and cache is not None:
+            for source, split in splits:
+                assert source.manifest is not None
+                build_index(source.path, source.manifest, split, cache, verified=True)
+    except UserError as error:
+        problem = str(error)
+    except OSError as error:
+        problem = f"the shard index cannot be written to {cache} ({error}); free space there"
+    agree(problem)
     parts, validation = [], {}
     for source in sources.sources:
         assert source.manifest is not None
-        parts.append(TokenSamples(build_index(source.path, source.manifest, "train", cache), seq_len))
+        # From the cache now (presence and size checked); without one, verified just above.
+        verified = cache is None
+        parts.append(TokenSamples(build_index(source.path, source.manifest, "train", cache, verified), seq_len))
         if source.has_val:
-            validation[source.name] = TokenSamples(build_index(source.path, source.manifest, "val", cache), seq_len)
+            val = build_index(source.path, source.manifest, "val", cache, verified)
+            validation[source.name] = TokenSamples(val, seq_len)
     train = MixedSamples(parts, sources.names) if sources.is_mixture else parts[0]
     return train, validation
 

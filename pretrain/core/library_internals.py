@@ -11,6 +11,10 @@ functions: importing this module costs nothing (configs import it without torch)
 | skip_gradient_allreduce      | DeepSpeed   | DeepSpeedEngine.enable_backward_allreduce                    |
 | pipeline_grid                | DeepSpeed   | PipelineModule._grid                                         |
 | local_layer_range            | DeepSpeed   | PipelineModule._local_start, _local_stop                     |
+| guard_checkpoint_writes      | DeepSpeed   | DeepSpeedEngine.checkpoint_engine (replaced),                |
+|                              |             | DeepSpeedEngine._copy_recovery_script                        |
+| deepspeed_checkpoint_globals | DeepSpeed   | the classes DeepSpeed pickles into its checkpoint files      |
+| weights_only_loads           | PyTorch     | TORCH_FORCE_WEIGHTS_ONLY_LOAD overriding weights_only=False  |
 | optimizer_kind               | DeepSpeed   | the class names of its optimizer wrappers                    |
 | master_partitions            | DeepSpeed   | single_partition_of_fp32_groups (ZeRO-1/2),                  |
 |                              |             | fp32_groups_flat_partition (BF16_Optimizer),                 |
@@ -20,6 +24,7 @@ functions: importing this module costs nothing (configs import it without torch)
 | unfused_masters              | DeepSpeed   | FP16_UnfusedOptimizer.fp16_groups, fp32_groups               |
 | zero3_partition              | DeepSpeed   | ZeRO-3 parameters' ds_tensor, ds_process_group               |
 | shutdown_loader_workers      | PyTorch     | _MultiProcessingDataLoaderIter._shutdown_workers             |
+| bound_torchrun_exit_barrier  | PyTorch     | SimpleElasticAgent._exit_barrier, _exit_barrier_timeout      |
 | checkpoint_wrapper_tools     | PyTorch     | torch.distributed.algorithms._checkpoint.checkpoint_wrapper  |
 | wrapper_name_parts           | PyTorch     | OptimizedModule._orig_mod, CheckpointWrapper's module name   |
 | codecarbon_has_started       | CodeCarbon  | BaseEmissionsTracker._start_time                             |
@@ -32,8 +37,10 @@ functions: importing this module costs nothing (configs import it without torch)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -80,6 +87,46 @@ def pipeline_grid(module: Any) -> Any:
 def local_layer_range(module: Any) -> range:
     """Indices (in the whole layer list) of the layers this pipeline stage holds."""
     return range(module._local_start, module._local_stop)
+
+
+class _GuardedCheckpointEngine:
+    """DeepSpeed's checkpoint engine with its writes (save, makedirs) passed through `guard(write, path)`."""
+
+    def __init__(self, inner: Any, guard: Callable[[Callable[[], object], str], None]) -> None:
+        self.inner = inner
+        self.guard = guard
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.guard(lambda: self.inner.save(state_dict, path), path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.guard(lambda: self.inner.makedirs(path, exist_ok=exist_ok), path)
+
+
+def guard_checkpoint_writes(engine: Any, guard: Callable[[Callable[[], object], str], None]) -> None:
+    """Route every file an engine's save_checkpoint writes through `guard(write, path)`, which runs `write`
+    (and may record its failure instead of raising it). The files go through the engine's checkpoint engine
+    (model states, ZeRO optimizer shards, pipeline layer files), except the recovery scripts DeepSpeed copies
+    into ZeRO checkpoints on rank 0 (`_copy_recovery_script`). Idempotent."""
+    if isinstance(engine.checkpoint_engine, _GuardedCheckpointEngine):
+        return
+    engine.checkpoint_engine = _GuardedCheckpointEngine(engine.checkpoint_engine, guard)
+    copy_scripts = engine._copy_recovery_script
+    engine._copy_recovery_script = lambda save_path: guard(lambda: copy_scripts(save_path), save_path)
+
+
+def deepspeed_checkpoint_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its checkpoint files besides tensors and plain containers (found by
+    loading ZeRO 0-3, bf16 and pipeline checkpoints with weights_only=True): the loss scaler, the ZeRO stage
+    enum and the fragment addresses of ZeRO's flat partitions."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def optimizer_kind(optimizer: Any) -> str:
@@ -143,6 +190,26 @@ def zero3_partition(parameter: Any) -> tuple[Any, int, int]:
 # -------------------------------------------------------------------------------------------------- PyTorch
 
 
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every torch.load, DeepSpeed's included (which pass weights_only=False), unpickles with
+    weights_only=True: tensors, plain containers and the allowlisted DeepSpeed classes only, never code.
+    torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD, read at each call, overrides the argument."""
+    import torch
+
+    name = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_checkpoint_globals()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def shutdown_loader_workers(iterator: Any) -> None:
     """Stop a DataLoader iterator's worker processes now. They ignore stop signals (pretrain/core/data.py), so
     multiprocessing's exit-time terminate() would not end them and the rank would wait on them forever; the
@@ -150,6 +217,26 @@ def shutdown_loader_workers(iterator: Any) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+
+
+def bound_torchrun_exit_barrier(seconds: float) -> None:
+    """Make torchrun's agent wait at most `seconds` in its exit barrier (300 s, not a torchrun option).
+
+    An agent whose ranks ended well waits there for every other node's agent; an agent that was stopped by a
+    signal (a stop of one node, which the ranks of every node agree on) leaves without reaching it, so the
+    other nodes' agents sat out the whole 300 s after their ranks had stopped (measured)."""
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+
+    original = SimpleElasticAgent._exit_barrier
+    if getattr(original, "bounded", False):
+        return
+
+    def exit_barrier(self: Any) -> None:
+        self._exit_barrier_timeout = min(self._exit_barrier_timeout, seconds)
+        original(self)
+
+    exit_barrier.bounded = True  # type: ignore[attr-defined]
+    SimpleElasticAgent._exit_barrier = exit_barrier  # type: ignore[method-assign]
 
 
 def checkpoint_wrapper_tools() -> tuple[Callable[..., Any], Callable[..., Any], Any]:

@@ -67,15 +67,15 @@ class FinalNormPipe(nn.Module):
 class PipelineLoss:
     """The last stage's loss: cross-entropy over every target position; targets of -100 (evaluation padding)
     count as zero, so the value is the sum over real tokens divided by all positions (the mean when nothing is
-    padded). `poison` (fault injection for tests, set by the step object) makes it NaN."""
+    padded). `multiplier` (fault injection for tests, set by the step object) makes it NaN or a spike."""
 
     def __init__(self) -> None:
-        self.poison = False
+        self.multiplier = 1.0
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
         loss = losses / targets.numel()
-        return loss * float("nan") if self.poison else loss
+        return loss * self.multiplier if self.multiplier != 1.0 else loss
 
 
 def build_pipeline(plain: GPT, stages: int, partition_method: str, checkpoint_interval: int):
@@ -150,7 +150,7 @@ def plain_state_dict(checkpoint: Path, n_layer: int) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     files = {int(m.group(1)): p for p in checkpoint.iterdir() if (m := _LAYER_FILE.match(p.name))}
     for index, path in sorted(files.items()):
-        weights = torch.load(path, map_location="cpu", weights_only=False)
+        weights = torch.load(path, map_location="cpu", weights_only=True)
         for key, value in weights.items():
             state[plain_prefix(index, n_layer) + key] = value
     return state

@@ -19,6 +19,9 @@
         emissions/node-<n>.csv      CodeCarbon's readings, one file per node
         wandb/run_id                the W&B run every invocation logs into; wandb/ holds W&B's own folders
         samples-rank<r>.jsonl       with train.trace_samples: the samples each step consumed
+        watchdog-rank<r>.txt        the stacks of a rank the progress watchdog stopped (pretrain/core/watchdog.py)
+        failures.json               launch.status: failed invocations in a row without a new checkpoint (Slurm)
+        faults/                     which injected faults fired already (tests: pretrain/core/faults.py)
         report/                     python -m pretrain.report
         slurm-job.sh, slurm-<id>.log   python -m launch launcher=slurm
 
@@ -72,12 +75,20 @@ class Outcome:
 
     state: "finished" (train.max_steps reached), "stopped" (a signal, steps_per_run, a budget: resumable by
     the same command) or "failed". requeue: a stopped run asks its launcher to start it again (SIGUSR1,
-    steps_per_run), as opposed to one somebody stopped (SIGTERM) or that stopped for good.
+    steps_per_run), as opposed to one somebody stopped (SIGTERM) or that stopped for good. user_error: a
+    failure the user fixes (bad data, a full disk): exit code 2, like every user error, instead of 1.
     """
 
     state: str
     reason: str | None = None
     requeue: bool = False
+    user_error: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.state != "failed":
+            return 0
+        return 2 if self.user_error else 1
 
 
 @dataclass(frozen=True)
@@ -262,6 +273,16 @@ class RunDir:
 
     def samples_trace(self, rank: int) -> Path:
         return self.root / f"samples-rank{rank}.jsonl"
+
+    def watchdog_dump(self, rank: int) -> Path:
+        return self.root / f"watchdog-rank{rank}.txt"
+
+    @property
+    def launch_failures(self) -> Path:
+        return self.root / "failures.json"
+
+    def fault_marker(self, name: str) -> Path:
+        return self.root / "faults" / name
 
     def samples_traces(self) -> list[Path]:
         return sorted(self.root.glob("samples-rank*.jsonl"))

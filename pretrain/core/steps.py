@@ -5,7 +5,7 @@ GPT (any ZeRO stage): forward, backward and step per micro-batch, DeepSpeed appl
 accumulation boundary. `PipelineStep` hands the whole global batch to DeepSpeed's pipeline schedule, which runs
 every micro-batch through the stages and broadcasts the last stage's loss. Both are built where the engine is
 built (engine.py::build_train_step), and both own their micro-batch loop, their evaluation pass and the fault
-injection of a NaN loss (tests).
+injection of a NaN or spiking loss (tests: faults.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ class TrainStep(Protocol):
     data_parallel_rank: int
     data_parallel_size: int
 
-    def train(self, batches: Iterator[Batch], consumed: list[int], poison_loss: bool) -> torch.Tensor:
+    def train(self, batches: Iterator[Batch], consumed: list[int], loss_multiplier: float = 1.0) -> torch.Tensor:
         """One optimizer step over the global batch, reading this rank's micro-batches from `batches` and adding
-        the sample numbers it trained on to `consumed`; returns the step's mean loss (a 0-d float tensor)."""
+        the sample numbers it trained on to `consumed`; returns the step's mean loss (a 0-d float tensor).
+        `loss_multiplier` is fault injection (NaN, or a spike); 1.0 in normal runs."""
         ...
 
     def evaluate(self, batches: list[EvalBatch]) -> torch.Tensor:
@@ -90,15 +91,15 @@ class PlainStep(_EngineStep):
             segments,
         )
 
-    def train(self, batches: Iterator[Batch], consumed: list[int], poison_loss: bool) -> torch.Tensor:
+    def train(self, batches: Iterator[Batch], consumed: list[int], loss_multiplier: float = 1.0) -> torch.Tensor:
         self.engine.train()
         losses = []
         for micro_step in range(self.accumulation_steps):
             batch = next(batches)
             consumed += batch["indices"].tolist()
             loss = self.engine(*self._inputs(batch))
-            if poison_loss and micro_step == 0:
-                loss = loss * float("nan")
+            if loss_multiplier != 1.0 and micro_step == 0:  # NaN != 1.0 too
+                loss = loss * loss_multiplier
             losses.append(loss.detach().float())
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
@@ -130,7 +131,7 @@ class PipelineStep(_EngineStep):
         self.seq_len = seq_len
         self.loss_fn = engine.module.loss_fn  # pipeline_model.PipelineLoss: the last stage computes the loss
 
-    def train(self, batches: Iterator[Batch], consumed: list[int], poison_loss: bool) -> torch.Tensor:
+    def train(self, batches: Iterator[Batch], consumed: list[int], loss_multiplier: float = 1.0) -> torch.Tensor:
         first_stage = self.engine.is_first_stage()
 
         def micro_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -141,11 +142,11 @@ class PipelineStep(_EngineStep):
                 yield batch["input_ids"], batch["targets"]
 
         self.engine.train()
-        self.loss_fn.poison = poison_loss
+        self.loss_fn.multiplier = loss_multiplier
         try:
             return self.engine.train_batch(data_iter=iter(micro_batches())).detach().float().cpu()
         finally:
-            self.loss_fn.poison = False
+            self.loss_fn.multiplier = 1.0
 
     @torch.no_grad()
     def evaluate(self, batches: list[EvalBatch]) -> torch.Tensor:

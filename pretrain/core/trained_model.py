@@ -23,7 +23,7 @@ import sentencepiece as spm
 import torch
 
 from common.errors import UserError
-from pretrain.core.library_internals import wrapper_name_parts
+from pretrain.core.library_internals import weights_only_loads, wrapper_name_parts
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
 from pretrain.core.run_dir import CheckpointDir, RunDir
@@ -93,11 +93,13 @@ def model_state_dict(checkpoint: CheckpointDir, zero_stage: int) -> dict[str, to
         files = sorted(checkpoint.path.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise UserError(f"{checkpoint.path} has no mp_rank_*_model_states.pt; the checkpoint is incomplete")
-        saved = torch.load(files[0], map_location="cpu", weights_only=False)
+        with weights_only_loads():
+            saved = torch.load(files[0], map_location="cpu", weights_only=True)
         return _strip_wrappers(saved["module"])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
+    with weights_only_loads():  # zero_to_fp32 passes weights_only=False: overridden
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
     return _strip_wrappers(dict(state))
 
 

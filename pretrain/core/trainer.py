@@ -2,8 +2,12 @@
 
 restore the latest complete checkpoint (model, optimizer, schedule, data cursor, counters)
 until max_steps: one optimizer step over the global batch (the step object runs the micro-batches),
-    skipping steps whose loss is not finite; callbacks log, evaluate, checkpoint
+    skipping steps whose loss is not finite; callbacks log, evaluate, checkpoint;
+    on a loss spike (callbacks/spikes.py): reload the last checkpoint in-process, skip data, go on
 on SIGTERM/SIGINT/SIGUSR1: finish the step, checkpoint, exit 0 so the same command resumes
+
+Every phase has a deadline (watchdog.py): a step distributed.step_timeout_s, start-up, evaluations and saves
+distributed.timeout_s; a rank past it reports a lost or hung peer and exits for the run to be restarted.
 
 The loop does not know the layout: steps.py's step object (plain or pipeline) does what a step and an
 evaluation pass mean for it. How the run ended is one value, `outcome`, written to RUN/status.json.
@@ -11,10 +15,10 @@ evaluation pass mean for it. How the run ended is one value, `outcome`, written 
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -26,12 +30,13 @@ import torch
 
 from common.app import to_container, to_yaml
 from common.errors import UserError
-from common.files import append_line, write_text_atomic
-from pretrain.core.callbacks import Callback, default_callbacks, ordered
+from common.files import write_text_atomic
+from pretrain.core.callbacks import Callback, Rollback, default_callbacks, ordered
 from pretrain.core.checkpoint import Checkpointer
+from pretrain.core.checkpoint_writes import CheckpointNotSaved
 from pretrain.core.config import RunConfig
 from pretrain.core.data import BatchLayout, eval_batches, open_sources, train_loader
-from pretrain.core.distributed import World, all_reduce_max, all_reduce_sum, barrier
+from pretrain.core.distributed import World, all_reduce_max, all_reduce_sum, raise_on_every_rank
 from pretrain.core.engine import build_train_step
 from pretrain.core.faults import Faults
 from pretrain.core.library_internals import shutdown_loader_workers
@@ -40,6 +45,8 @@ from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
 from pretrain.core.reshard import restore
 from pretrain.core.run_dir import Outcome, ProcessInfo, RunDir
+from pretrain.core.sample_trace import SampleTrace
+from pretrain.core.watchdog import ProgressWatchdog
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -51,6 +58,9 @@ class TrainerState:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     nonfinite_streak: int = 0
+    # Loss-spike rollbacks so far, and the data positions they skipped (included in consumed_samples).
+    rollbacks: int = 0
+    skipped_samples: int = 0
 
 
 class Trainer:
@@ -71,8 +81,14 @@ class Trainer:
         self.state = TrainerState()
         self.outcome: Outcome | None = None  # None while the run goes on
         self.faults = Faults.from_env()
+        self.watchdog = ProgressWatchdog(world.label, self.run_dir.watchdog_dump(world.rank))
+        self.watchdog.expect("start-up (index, engine, restore)", config.distributed.timeout_s)
+        self.trace = SampleTrace(self.run_dir.samples_trace(world.rank), config.train.trace_samples)
+        self.last_loss = math.nan  # the last step's loss, all ranks' mean
         self._signal: int | None = None
         self._saved_step = -1
+        self._unsaved_step = -1  # a step whose save failed (not retried at the end)
+        self._rollback: tuple[str, int] | None = None  # (reason, skip_batches) asked by a callback
         # Wall time spent inside training steps (data wait included), for throughput.
         self.step_seconds = 0.0
         flops = self.model_config.flops_per_token(manifest.vocab_size, manifest.seq_len)
@@ -84,16 +100,19 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- set-up
     def _build(self) -> None:
         config, world, manifest = self.config, self.world, self.manifest
+        problem = None  # every rank raises a problem found by one (raise_on_every_rank): none waits for the others
         if world.is_main:
-            self.run_dir.root.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir.config_file, to_yaml(config))
-            self.run_dir.write_process(ProcessInfo.current())  # a dashboard tells a crash from a live run by it
-        barrier()
-        cache = self.run_dir.cache
-        if world.is_main:  # one rank indexes the shards; the others read its cached index
-            open_sources(self.sources, cache)
-        barrier()
-        self.train_set, self.val_sets = open_sources(self.sources, cache)
+            try:
+                self.run_dir.root.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.run_dir.config_file, to_yaml(config))
+                self.run_dir.write_process(ProcessInfo.current())  # a dashboard tells a crash from a live run by it
+            except OSError as error:
+                problem = f"run_dir={config.run_dir!r} is not writable ({error}); free space there or choose another"
+        raise_on_every_rank(problem)
+        # Every shard of every source is checked against its manifest's sha256 before it is first indexed.
+        self.train_set, self.val_sets = open_sources(
+            self.sources, self.run_dir.cache, world.rank, world.world_size, raise_on_every_rank
+        )
         if config.precision == "fp16" and world.device.type == "cpu":
             # DeepSpeed's CPU accelerator refuses fp16 ("Type fp16 is not supported on your device").
             raise UserError("precision=fp16 is not supported on CPU by DeepSpeed; use precision=bf16 or fp32")
@@ -140,16 +159,9 @@ class Trainer:
     def run(self) -> int:
         self._build()
         self._restore()
-        loader = train_loader(
-            self.train_set,
-            self.layout,
-            self.config.seed,
-            self.state.consumed_samples,
-            self.config.train.num_workers,
-            pin_memory=self.world.device.type == "cuda",
-            order=self.sources.order(),
-        )
-        self._batches = iter(loader)
+        self.trace.truncate_after(self.state.step)  # steps past the checkpoint are trained again
+        self._open_loader()
+        timeouts = self.config.distributed
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             self._dispatch("on_train_start")
@@ -158,15 +170,19 @@ class Trainer:
             self._interval_losses: list[torch.Tensor] = []
             first_step, per_run = self.state.step, self.config.train.steps_per_run
             while self.state.step < self.config.train.max_steps and self.outcome is None:
+                self.watchdog.expect(f"training step {self.state.step + 1}", timeouts.step_timeout_s)
                 started = time.perf_counter()
                 self._train_step()
                 self.step_seconds += time.perf_counter() - started
+                self.watchdog.expect(f"the evaluation or checkpoint after step {self.state.step}", timeouts.timeout_s)
                 # The step's metrics are written before its step-end callbacks may checkpoint it, so a
                 # checkpoint never holds a step whose line metrics.jsonl lacks (a kill between the two would
                 # leave a gap in the history on resume).
                 if self.state.step % self.config.train.log_interval == 0:
                     self._log()
-                self._dispatch("on_step_end")
+                self._dispatch("on_step_end")  # a guard may ask to roll the step back
+                if self._rollback is not None:
+                    self._roll_back(*self._rollback)
                 self._check_signals()
                 if per_run and self.state.step - first_step >= per_run:
                     self.request_stop(f"train.steps_per_run={per_run} steps done in this run", requeue=True)
@@ -185,8 +201,32 @@ class Trainer:
         assert outcome is not None  # the loop ends only on max_steps or with an outcome
         if self.world.is_main:
             self._print_end(outcome)
+        self.record_outcome(outcome)
+        return outcome.exit_code
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        """Main rank: write RUN/status.json, which launchers read (a warning if the disk refuses it)."""
+        self.outcome = outcome
+        if not self.world.is_main:
+            return
+        try:
             self.run_dir.write_status(outcome, self.state.step, self.config.train.max_steps)
-        return 1 if outcome.state == "failed" else 0
+        except OSError as error:
+            print(f"warning: {self.run_dir.status_file} not written: {error}", file=sys.stderr, flush=True)
+
+    def _open_loader(self) -> None:
+        """The data loader from the current cursor (the old one's workers shut down first)."""
+        shutdown_loader_workers(self.__dict__.pop("_batches", None))
+        loader = train_loader(
+            self.train_set,
+            self.layout,
+            self.config.seed,
+            self.state.consumed_samples,
+            self.config.train.num_workers,
+            pin_memory=self.world.device.type == "cuda",
+            order=self.sources.order(),
+        )
+        self._batches = iter(loader)
 
     def _seed_step(self) -> None:
         # Dropout randomness as a function of (seed, step, rank): a resumed run draws exactly what an
@@ -197,15 +237,16 @@ class Trainer:
     def _train_step(self) -> None:
         self._seed_step()
         consumed: list[int] = []
-        step_loss = self.step.train(self._batches, consumed, self.faults.poisons(self.state.step + 1))
-        if self.config.train.trace_samples and consumed:
-            append_line(
-                self.run_dir.samples_trace(self.world.rank),
-                json.dumps({"step": self.state.step + 1, "samples": self.train_set.trace_labels(consumed)}),
-            )
+        fault = self.faults.loss_multiplier(self.state.consumed_samples, self.layout.global_batch_size)
+        step_loss = self.step.train(self._batches, consumed, fault)
+        if self.trace.enabled:
+            self.trace.append(self.state.step + 1, self.train_set.trace_labels(consumed))
         # Non-finite gradients make DeepSpeed skip the update (no weight, moment or schedule change);
         # a non-finite loss is what we count, and stop on when it persists.
-        loss_finite = all_reduce_max(0.0 if bool(torch.isfinite(step_loss)) else 1.0) == 0.0
+        finite = bool(torch.isfinite(step_loss))
+        nonfinite, loss_sum = self.all_reduce_sum([0.0 if finite else 1.0, float(step_loss) if finite else 0.0])
+        loss_finite = nonfinite == 0.0
+        self.last_loss = loss_sum / self.world.world_size if loss_finite else math.nan
         self.state.step += 1
         self.state.consumed_samples += self.layout.global_batch_size
         self.state.consumed_tokens += self.layout.global_batch_size * self.manifest.seq_len
@@ -250,6 +291,7 @@ class Trainer:
             "lr": self.step.lr(),
             "grad_norm": self.step.grad_norm(),
             "skipped_steps": self.state.skipped_steps,
+            "rollbacks": self.state.rollbacks,
             "world_size": self.world.world_size,
             "peak_memory_mb": all_reduce_max(peak_memory_mb(self.world.device)),
         }
@@ -257,13 +299,55 @@ class Trainer:
         self._dispatch("on_log", metrics)
 
     # -------------------------------------------------------------------- what callbacks may ask for
-    def request_stop(self, reason: str, *, requeue: bool = False) -> None:
+    def request_stop(self, reason: str, *, requeue: bool = False, failed: bool = False) -> None:
         if self.outcome is None:
-            self.outcome = Outcome("stopped", reason, requeue)
+            self.outcome = Outcome("failed", reason) if failed else Outcome("stopped", reason, requeue)
+
+    def request_rollback(self, reason: str, *, skip_batches: int) -> None:
+        if self._rollback is None:
+            self._rollback = (reason, skip_batches)
+
+    def _roll_back(self, reason: str, skip_batches: int) -> None:
+        """Reload the last complete checkpoint in this process and skip data: the same state a resume from that
+        checkpoint reaches, since the skip is written into it (bit-exact: engine, counters, data cursor and
+        mixture, seeds). It loads through the resume's path (reshard.restore: a checkpoint of another layout,
+        which the run resumed from, converts)."""
+        self._rollback = None
+        latest = self.checkpointer.latest()
+        if latest is None:
+            self.request_stop(f"{reason}: no checkpoint to roll back to", failed=True)
+            return
+        step, loss = self.state.step, self.last_loss
+        saved = restore(self.checkpointer, self.step.engine, latest, self.config, self.world)
+        state = TrainerState(**saved["trainer"])
+        # The mixture as at the checkpoint (a reweight this invocation started there is applied again, from the
+        # checkpoint's cursor): the skip below moves the cursor within it.
+        self.sources.resume(
+            saved,
+            state.step,
+            state.consumed_samples,
+            self.config.data_reweight,
+            self.config.seed,
+            f"checkpoint {latest.path}",
+        )
+        # At least every batch since the checkpoint: the one that spiked is never trained again.
+        skipped = max(skip_batches, step - state.step) * self.layout.global_batch_size
+        state.consumed_samples += skipped
+        state.skipped_samples += skipped
+        state.rollbacks = self.state.rollbacks + 1
+        self.state, self._saved_step, self._interval_losses = state, state.step, []
+        # The skip, and the mixture it skips in, go into the checkpoint: a later resume from it repeats both.
+        amended = {"trainer": asdict(state), **self.sources.checkpoint_fields()}
+        if problem := self.checkpointer.amend_state(latest, amended):
+            print(f"warning: the data skip is not recorded in {latest.path}: {problem}", file=sys.stderr, flush=True)
+        self.trace.truncate_after(state.step)
+        self._open_loader()
+        rollback = Rollback(step, state.step, reason, loss, skipped, state.rollbacks, saved.get("callbacks", {}))
+        self._dispatch("on_rollback", rollback)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
-        if not self.val_sets:
+        if not self.val_sets or self._rollback is not None:
             return None
         started = time.perf_counter()
         # Each source's validation set on its own (every rank in the same order: passes are collective), then
@@ -293,7 +377,7 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self) -> Path | None:
-        if self._saved_step == self.state.step:
+        if self.state.step in (self._saved_step, self._unsaved_step) or self._rollback is not None:
             return None
         state = {
             "trainer": asdict(self.state),
@@ -309,7 +393,17 @@ class Trainer:
             "model": asdict(self.model_config),
             "seq_len": self.manifest.seq_len,
         }
-        checkpoint = self.checkpointer.save(self.step.engine, self.state.step, state, self.tokenizer)
+        try:
+            checkpoint = self.checkpointer.save(self.step.engine, self.state.step, state, self.tokenizer)
+        except CheckpointNotSaved as error:
+            self._unsaved_step = self.state.step
+            last = self.state.step >= self.config.train.max_steps or self.outcome is not None
+            if self.config.checkpoint.on_failure == "continue" and not last:
+                if self.world.is_main:
+                    print(f"warning: {error}; training goes on, the next interval saves again", flush=True)
+            else:
+                self.outcome = Outcome("failed", str(error), user_error=True)
+            return None
         self._saved_step = self.state.step
         self._dispatch("on_checkpoint", checkpoint.path)
         return checkpoint.path
@@ -330,10 +424,13 @@ class Trainer:
 
     def _dispatch(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
+            if self._rollback is not None and hook == "on_step_end":
+                break  # the step is undone: the callbacks after the one that asked do not see it
             getattr(callback, hook)(self, *args)
 
     def _print_end(self, outcome: Outcome) -> None:
-        where = self.run_dir.checkpoint(self.state.step).path
+        latest = self.checkpointer.latest()
+        where = latest.path if latest else "none"
         if outcome.state == "finished":
             print(f"finished {self.state.step} steps; checkpoint {where}", flush=True)
         else:

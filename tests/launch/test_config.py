@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from launch.config import LaunchConfig, register_configs, slurm_time_seconds, training_overrides
 from launch.status import decide
 from pretrain.core.config import RunConfig
+from pretrain.core.run_dir import RunDir
 from tests.support import REPO, run_module
 
 TRAINING = ["experiment=demo", "model.n_layer=2", "train.lr=1e-3", "run_dir=runs/x", "checkpoint.interval=7"]
@@ -195,3 +196,22 @@ def test_what_requeues(tmp_path: Path) -> None:
     assert decide(_status(tmp_path, "finished", None), 0, 100).action == "finished"
     assert decide(_status(tmp_path, "failed", "5 non-finite losses"), 0, 100).action == "failed"
     assert decide(tmp_path / "nothing", 0, 100).action == "failed"
+
+
+def test_a_run_that_ended_without_a_verdict_requeues_until_failures_repeat(tmp_path: Path) -> None:
+    """A node died (no status.json): requeued like a preemption, but not more than `requeue_failures` times in a
+    row without a new checkpoint in between, nor past the requeue budget."""
+    run = RunDir(tmp_path)
+
+    def checkpoint(step: int) -> None:
+        made = run.checkpoint(step)
+        made.path.mkdir(parents=True)
+        made.state_file.write_text("{}")
+        made.complete_marker.write_text(f"{made.tag}\n")
+
+    assert [decide(tmp_path, 0, 100, requeue_failures=2).action for _ in range(3)] == ["requeue", "requeue", "failed"]
+    checkpoint(4)  # progress since: the count starts again
+    verdict = decide(tmp_path, 0, 100, requeue_failures=2)
+    assert verdict.action == "requeue" and "resume from step-00000004 (failure 1 of 2 in a row)" in verdict.why
+    assert decide(tmp_path, 100, 100, requeue_failures=2).action == "failed"  # the requeue budget is spent
+    assert decide(tmp_path, 0, 100).action == "failed"  # launcher.requeue_failures=0: a failure ends the job

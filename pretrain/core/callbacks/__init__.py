@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from common.app import to_container
-from pretrain.core.callbacks.base import Callback, TrainerView, ordered
+from pretrain.core.callbacks.base import Callback, Rollback, TrainerView, ordered
 from pretrain.core.callbacks.carbon import CarbonTracker
 from pretrain.core.callbacks.checkpointing import PeriodicCheckpoint
 from pretrain.core.callbacks.console import ConsoleLogger
 from pretrain.core.callbacks.evaluation import PeriodicEvaluation
 from pretrain.core.callbacks.metrics_file import MetricsFile
+from pretrain.core.callbacks.spikes import SpikeRollback
 from pretrain.core.callbacks.throughput import Throughput
 from pretrain.core.callbacks.wandb_run import WandbRun
 
@@ -27,8 +28,10 @@ if TYPE_CHECKING:
 def default_callbacks(config: RunConfig, run_dir: RunDir, flops_per_token: float) -> list[Callback]:
     """Every callback of a training run, each given the part of the config it needs."""
     max_steps = config.train.max_steps
+    guards: list[Callback] = [SpikeRollback(config.rollback)] if config.rollback.enabled else []
     return ordered(
         [
+            *guards,
             Throughput(flops_per_token, config.precision),
             CarbonTracker(config.carbon, max_steps),
             PeriodicEvaluation(config.eval.interval, config.eval.at_end),
@@ -40,4 +43,4 @@ def default_callbacks(config: RunConfig, run_dir: RunDir, flops_per_token: float
     )
 
 
-__all__ = ["Callback", "TrainerView", "default_callbacks", "ordered"]
+__all__ = ["Callback", "Rollback", "TrainerView", "default_callbacks", "ordered"]

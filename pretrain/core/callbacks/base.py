@@ -1,11 +1,13 @@
 """The callback interface, and the narrow view of the trainer that callbacks get.
 
-A callback observes training and may ask for three things, nothing else: stop the run
-(`request_stop(reason, requeue=...)`), save a checkpoint now, evaluate now. It reads the world, the counters
+A callback observes training and may ask for four things, nothing else: stop the run
+(`request_stop(reason, requeue=..., failed=...)`), roll the step back to the last checkpoint
+(`request_rollback(reason, skip_batches=...)`), save a checkpoint now, evaluate now. It reads the world, the counters
 and the run directory; what it needs of the config it is given when built (callbacks/__init__.py). It never
 assigns trainer attributes (the view has no setters, and mypy checks it).
 
 Order is explicit: `order` (lower first), by phase. Within one phase the order does not matter.
+- GUARD: decide whether the step stands (a loss spike rolls it back; the callbacks after it then skip the step);
 - MEASURE: add fields to the log metrics (throughput, energy and emissions);
 - EVALUATE: evaluations, so that an evaluation at step N comes before the checkpoint of step N;
 - RECORD: write the metrics (metrics.jsonl, W&B, console);
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -23,7 +26,22 @@ if TYPE_CHECKING:
     from pretrain.core.distributed import World
     from pretrain.core.run_dir import Outcome, RunDir
 
-MEASURE, EVALUATE, RECORD, CHECKPOINT = 10, 20, 30, 40
+GUARD, MEASURE, EVALUATE, RECORD, CHECKPOINT = 5, 10, 20, 30, 40
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """A rollback the trainer performed: the steps after `to_step` were undone and `skipped_samples` positions of
+    the data order skipped; `count` is the run's rollbacks so far, this one included."""
+
+    step: int  # the step that was rolled back
+    to_step: int  # the checkpoint's step
+    reason: str
+    loss: float  # the rolled-back step's loss (NaN when not finite)
+    skipped_samples: int
+    count: int
+    # The checkpoint's callback states ({state_key: state}), for callbacks whose state follows the weights.
+    callback_states: dict[str, Any] = field(default_factory=dict)
 
 
 class Counters(Protocol):
@@ -35,6 +53,10 @@ class Counters(Protocol):
     def consumed_tokens(self) -> int: ...
     @property
     def skipped_steps(self) -> int: ...
+    @property
+    def nonfinite_streak(self) -> int: ...
+    @property
+    def rollbacks(self) -> int: ...
 
 
 class TrainerView(Protocol):
@@ -52,13 +74,24 @@ class TrainerView(Protocol):
         ...
 
     @property
+    def last_loss(self) -> float:
+        """The last step's loss, averaged over the ranks (the same value on every rank); NaN when not finite."""
+        ...
+
+    @property
     def outcome(self) -> Outcome | None:
         """How the run ends; None while it goes on."""
         ...
 
-    def request_stop(self, reason: str, *, requeue: bool = False) -> None:
-        """Stop after this step (checkpoint, exit 0); requeue asks the launcher to start the run again. A
-        first request wins; later ones are ignored."""
+    def request_stop(self, reason: str, *, requeue: bool = False, failed: bool = False) -> None:
+        """Stop after this step (checkpoint, exit 0); requeue asks the launcher to start the run again; failed
+        ends the run as failed (exit 1). A first request wins; later ones are ignored."""
+        ...
+
+    def request_rollback(self, reason: str, *, skip_batches: int) -> None:
+        """Undo this step (call from on_step_end, on every rank alike): once the callbacks before this one are
+        done, reload the last complete checkpoint, skip at least the global batches trained since then (and
+        skip_batches in all), and continue; the callbacks after this one skip the step."""
         ...
 
     def save_checkpoint(self) -> Path | None:
@@ -98,6 +131,9 @@ class Callback:
 
     def on_checkpoint(self, trainer: TrainerView, path: Path) -> None:
         """After a checkpoint is committed."""
+
+    def on_rollback(self, trainer: TrainerView, rollback: Rollback) -> None:
+        """After the trainer rolled back to a checkpoint (trainer.state is the checkpoint's, past the skip)."""
 
     def on_train_end(self, trainer: TrainerView) -> None:
         """Once, when the loop ends for any reason; trainer.outcome says which."""

@@ -29,7 +29,7 @@ from dataclasses import asdict, astuple, dataclass, fields
 from typing import Any
 
 from common.errors import ConfigProblems
-from pretrain.core.callbacks.base import MEASURE, Callback, TrainerView, fail_soft
+from pretrain.core.callbacks.base import MEASURE, Callback, Rollback, TrainerView, fail_soft
 from pretrain.core.library_internals import codecarbon_countries, codecarbon_has_started, codecarbon_measure_now
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -153,6 +153,10 @@ class CarbonTracker(Callback):
             self._projection_printed = True
             self._print_projection(trainer, total, projected, per_step)
         self._check_budget(trainer, emissions)
+
+    def on_rollback(self, trainer: TrainerView, rollback: Rollback) -> None:
+        # The energy spent on the undone steps stays spent; the per-step projection counts from the checkpoint.
+        self._start_step = min(self._start_step, rollback.to_step)
 
     def on_train_end(self, trainer: TrainerView) -> None:
         if not self._active:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pretrain.core.callbacks.base import RECORD, Callback, TrainerView
+from pretrain.core.callbacks.base import RECORD, Callback, Rollback, TrainerView
 
 
 class ConsoleLogger(Callback):
@@ -28,6 +28,15 @@ class ConsoleLogger(Callback):
             print(
                 f"eval {metrics['step']:>6} | val_loss {metrics['val_loss']:.4f} | "
                 f"val_perplexity {metrics['val_perplexity']:.2f} | {metrics['eval_samples']} samples",
+                flush=True,
+            )
+
+    def on_rollback(self, trainer: TrainerView, rollback: Rollback) -> None:
+        if trainer.world.is_main:
+            print(
+                f"rollback {rollback.count}: {rollback.reason}; reloaded the checkpoint of step {rollback.to_step} "
+                f"and skipped {rollback.skipped_samples} samples of the data order (now at sample "
+                f"{trainer.state.consumed_samples})",
                 flush=True,
             )
 

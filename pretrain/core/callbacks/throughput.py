@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pretrain.core.callbacks.base import MEASURE, Callback, TrainerView
+from pretrain.core.callbacks.base import MEASURE, Callback, Rollback, TrainerView
 
 # Dense peak FLOP/s of one GPU (no sparsity) by a fragment of its CUDA name and the run's precision, from the
 # vendors' data sheets; the first fragment found in the name wins (H100 PCIe before H100, the SXM part). fp32
@@ -60,3 +60,6 @@ class Throughput(Callback):
         if self.peak:
             metrics["mfu"] = metrics["flops_per_second"] / self.peak
         self._seconds, self._tokens = trainer.step_seconds, trainer.state.consumed_tokens
+
+    def on_rollback(self, trainer: TrainerView, rollback: Rollback) -> None:
+        self.on_train_start(trainer)  # the token count went back to the checkpoint's

@@ -16,6 +16,11 @@ invocation loses what wandb-core had not yet written to its file (it buffers up 
 invocation logs those rows again from metrics.jsonl (each line of which was on disk before the next step), up
 to the checkpoint it resumes from, then its own steps: the W&B history holds every logged step once.
 
+A loss-spike rollback goes back in steps, and W&B's history cannot (a row is not rewritten; a `_step` below the
+last is dropped): the rollback's metrics go into the row of the step that spiked, which is committed, the steps
+trained again up to it are not logged a second time (W&B keeps their first values, the spike; metrics.jsonl has
+the new ones), and rows go on from the next step. The backfill logs a rollback entry as those same metrics.
+
 Every metric written to metrics.jsonl is logged under the same name (per-source ones too: tokens/<source>,
 val_loss/<source>, and the data mixture's data_weight/<source> at its start and at each change), with `step`
 as every chart's x-axis and `tokens` declared as the other one; the resolved config is the run's config. The
@@ -36,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigProblems
-from pretrain.core.callbacks.base import RECORD, Callback, TrainerView, fail_soft
+from pretrain.core.callbacks.base import RECORD, Callback, Rollback, TrainerView, fail_soft
 from pretrain.core.callbacks.metrics_file import read_metrics
 from pretrain.core.library_internals import wandb_last_history_step
 
@@ -67,6 +72,11 @@ def run_folders(wandb_dir: Path, run_id: str) -> list[Path]:
 def transaction_log(folder: Path) -> Path:
     """The `.wandb` file of one of W&B's run folders."""
     return folder / f"run-{folder.name.rsplit('-', 1)[-1]}.wandb"
+
+
+def rollback_row(count: int, to_step: int, skipped_samples: int) -> dict[str, Any]:
+    """The W&B metrics of a loss-spike rollback, logged in the row of the step that spiked."""
+    return {"rollbacks": count, "rollback/to_step": to_step, "rollback/skipped_samples": skipped_samples}
 
 
 def last_logged_step(folders: list[Path]) -> int:
@@ -147,6 +157,23 @@ class WandbRun(Callback):
         self.run.summary["mixture_segment"] = mixture["mixture_segment"]
         self.run.summary["mixture_step"] = mixture["step"]
 
+    def on_rollback(self, trainer: TrainerView, rollback: Rollback) -> None:
+        # Into the row of the step that spiked (its metrics are logged, its step-end was cut short), committed:
+        # W&B's history only grows, so the steps the rollback trains again (up to that one) are not logged a
+        # second time; metrics.jsonl has their new values.
+        if self.run is not None and rollback.step > self._committed:
+            self._guard(
+                self._log_rollback,
+                rollback.step,
+                rollback_row(rollback.count, rollback.to_step, rollback.skipped_samples),
+            )
+
+    def _log_rollback(self, step: int, row: dict[str, Any]) -> None:
+        assert self.run is not None
+        self.run.log({"step": step, **row}, step=step)
+        self._pending = step
+        self._commit()
+
     def on_train_end(self, trainer: TrainerView) -> None:
         if self.run is None:
             return
@@ -175,7 +202,12 @@ class WandbRun(Callback):
         rows: dict[int, dict[str, Any]] = {}
         for entry in read_metrics(trainer.run_dir.metrics):
             step = entry.get("step")
-            if isinstance(step, int) and self._committed < step <= restored:
+            if not isinstance(step, int) or not self._committed < step <= restored:
+                continue
+            if entry.get("kind") == "rollback":  # what on_rollback logged (its loss is the spike's, not the step's)
+                row = rollback_row(entry.get("rollbacks", 0), entry.get("to_step", 0), entry.get("skipped_samples", 0))
+                rows.setdefault(step, {"step": step}).update(row)
+            else:
                 rows.setdefault(step, {}).update({k: v for k, v in entry.items() if k not in ("kind", "time")})
         for step, row in sorted(rows.items()):
             assert self.run is not None

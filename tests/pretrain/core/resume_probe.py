@@ -97,12 +97,13 @@ def train(config: RunConfig) -> int:
     from pretrain.core.trainer import Trainer
 
     world = init_distributed()
+    trainer = Trainer(config, sources, world, callbacks=[])
     try:
-        trainer = Trainer(config, sources, world, callbacks=[])
         flops = trainer.model_config.flops_per_token(sources.manifest.vocab_size, sources.manifest.seq_len)
         trainer.callbacks = [*default_callbacks(config, trainer.run_dir, flops), StateProbe()]
         return trainer.run()
     finally:
+        trainer.watchdog.stop()
         shutdown()
 
 

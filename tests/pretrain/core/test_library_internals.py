@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -217,6 +218,71 @@ def test_skip_shared_memory_comm_op_starts_deepspeed_without_building_or_locking
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
     assert sorted(p.name for p in stale.iterdir()) == ["lock"]  # nothing built, the stale lock untouched
+
+
+def test_checkpoint_writes_go_through_the_guard_and_load_with_weights_only(tmp_path: Path) -> None:
+    """Every file a ZeRO save_checkpoint writes passes through guard_checkpoint_writes' hook (so a full disk can be
+    handled on every rank alike), and weights_only_loads makes DeepSpeed's own torch.load calls (which pass
+    weights_only=False) unpickle with weights_only=True, DeepSpeed's checkpoint classes allowlisted."""
+    script = textwrap.dedent(
+        f"""
+        import argparse, pickle, torch, deepspeed
+        from pathlib import Path
+        from pretrain.core import library_internals as internals
+        internals.skip_shared_memory_comm_op()
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        model = torch.nn.Linear(4, 4)
+        config = {{"train_batch_size": 1, "zero_optimization": {{"stage": 1}}, "zero_allow_untested_optimizer": True}}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+        engine.backward(engine(torch.ones(1, 4)).sum()); engine.step()
+        written = []
+        internals.guard_checkpoint_writes(engine, lambda write, path: (written.append(str(path)), write()))
+        internals.guard_checkpoint_writes(engine, lambda write, path: 1 / 0)  # idempotent: not wrapped twice
+        engine.save_checkpoint("{tmp_path}", tag="t", save_latest=False)
+        files = [p for p in Path("{tmp_path}").rglob("*") if p.is_file()]
+        assert len(files) == 4, files  # model states, optimizer shard, recovery scripts (beside the tag's folder)
+        for path in files:
+            assert any(str(path) == w or str(path).startswith(w.rstrip("/") + "/") for w in written), (path, written)
+        optimizer = next(p for p in files if p.name.endswith("optim_states.pt"))
+        try:
+            torch.load(optimizer, weights_only=True)
+            raise AssertionError("DeepSpeed's optimizer file needs no allowlist: deepspeed_checkpoint_globals is stale")
+        except pickle.UnpicklingError:
+            pass
+        with internals.weights_only_loads():
+            for path in files:
+                if path.suffix == ".pt":
+                    torch.load(path, map_location="cpu", weights_only=False)  # forced to weights_only=True
+            torch.save(argparse.Namespace(code="would run"), "{tmp_path}/unsafe.pt")
+            try:
+                torch.load("{tmp_path}/unsafe.pt", weights_only=False)
+                raise AssertionError("weights_only=False was honoured inside weights_only_loads")
+            except pickle.UnpicklingError:
+                pass
+            assert engine.load_checkpoint("{tmp_path}", tag="t")[0] is not None
+        print("ok")
+        """
+    )
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(__import__("common.net", fromlist=["free_port"]).free_port())
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_bound_torchrun_exit_barrier_caps_the_agents_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.distributed.elastic.agent.server import api
+
+    monkeypatch.setattr(api.SimpleElasticAgent, "_exit_barrier", api.SimpleElasticAgent._exit_barrier)  # undone after
+    waits: list[float] = []
+    monkeypatch.setattr(api.store_util, "barrier", lambda **kwargs: waits.append(kwargs["barrier_timeout"]))
+    internals.bound_torchrun_exit_barrier(7)
+    internals.bound_torchrun_exit_barrier(9)  # not wrapped twice
+    group = SimpleNamespace(state="SUCCEEDED", group_world_size=2)
+    agent = SimpleNamespace(_exit_barrier_timeout=300, _store=None, _worker_group=group, _in_exit_barrier=False)
+    api.SimpleElasticAgent._exit_barrier(agent)  # type: ignore[arg-type]
+    assert waits == [7]
 
 
 def test_wandb_records_and_the_last_history_step_of_a_transaction_log(tmp_path: Path) -> None:

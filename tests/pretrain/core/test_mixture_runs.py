@@ -1,6 +1,7 @@
 """Training on a data mixture with real DeepSpeed engines on gloo ranks (torchrun): the shares and per-source
 metrics against the sample trace, W&B and the evaluation, an exact resume from 2 ranks on 1, a reweight
-mid-run. Sources: tiny_dataset ("books", ~7,000 samples) and poems_dataset ("poems", ~230), one tokenizer."""
+mid-run and a loss-spike rollback right after it. Sources: tiny_dataset ("books", ~7,000 samples) and
+poems_dataset ("poems", ~230), one tokenizer."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from pretrain.core.callbacks.metrics_file import read_metrics
+from pretrain.core.mixture import MixtureOrder, MixtureState
 from pretrain.core.sample_order import GlobalOrder
 from pretrain.report import write_report
 from tests.pretrain.core.callbacks.test_tracking import history_rows, wandb_records
@@ -202,3 +204,41 @@ def test_a_reweight_mid_run(half: Path, mixture_sources: tuple[Path, Path], tmp_
     assert "Tokens per source" in page and "Validation loss per source" in page
     assert "data mixture from step 10" in page and "books 0.3, poems 0.7" in page
     assert f"{train[STEPS]['tokens/poems']:,} tokens" in page
+
+
+def test_a_rollback_right_after_a_reweight_keeps_the_new_mixture(
+    half: Path, mixture_sources: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # The resume switches the weights at step 10 (from the checkpoint of step 10, written with the old ones), and
+    # the batch of step 14 spikes before any new checkpoint: the rollback goes back to step 10's checkpoint, which
+    # lacks the new mixture, so it must apply the switch again from the same cursor, and record it there.
+    run = tmp_path / "run"
+    shutil.copytree(half, run)
+    extra = ("data_reweight=true", "checkpoint.interval=10", "rollback.enabled=true", "rollback.window=2")
+    args = mixture_args(mixture_sources, run, (0.3, 0.7), *extra, "wandb.mode=disabled")
+    done = run_distributed(2, "pretrain", *args, env={"PRETRAIN_FAULT": "spike_loss:14"})
+    rollbacks = [e for e in read_metrics(run / "metrics.jsonl") if e["kind"] == "rollback"]
+    assert [(e["step"], e["to_step"], e["skipped_samples"]) for e in rollbacks] == [(14, 10, 4 * BATCH)], done.stdout
+    skipped = 4 * BATCH
+    # Step 10's checkpoint now holds the skip and the mixture it skips in, so a resume from it repeats both.
+    amended = read_state(run / "checkpoints" / "step-00000010")
+    assert amended["trainer"]["consumed_samples"] == 10 * BATCH + skipped
+    assert [(s["step"], s["start"]) for s in amended["mixture"]["segments"]] == [(0, 0), (10, 10 * BATCH)]
+    final = read_state(complete_checkpoints(run)[-1])
+    assert final["mixture"] == amended["mixture"] and final["trainer"]["step"] == STEPS
+    # Steps 11-20 trained the new mixture's next positions after the skipped window, exactly.
+    mixture = MixtureState.from_state_dict(final["mixture"])
+    ids = sorted(mixture.sources, key=lambda s: SOURCES.index(mixture.sources[s].name))
+    offsets = {ids[0]: 0, ids[1]: mixture.sources[ids[0]].samples}
+    order = MixtureOrder(mixture, offsets)
+
+    def label(position: int) -> str:
+        sample = order(position)
+        first = sample < offsets[ids[1]]
+        return f"{SOURCES[0]}/{sample}" if first else f"{SOURCES[1]}/{sample - offsets[ids[1]]}"
+
+    trace = traced(run)
+    assert sorted(trace) == list(range(1, STEPS + 1))
+    for step in range(11, STEPS + 1):
+        start = (step - 1) * BATCH + skipped
+        assert trace[step] == sorted(label(p) for p in range(start, start + BATCH)), step

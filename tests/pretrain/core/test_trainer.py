@@ -134,7 +134,10 @@ def test_kill_9_during_training_resumes_from_latest_checkpoint(tiny_dataset: Pat
 
 def test_kill_9_during_a_checkpoint_save_keeps_the_previous_one(tiny_dataset: Path, tmp_path: Path) -> None:
     args = train_args(tiny_dataset, tmp_path, "train.max_steps=6", "checkpoint.interval=2", "zero_stage=2")
-    crashed = run_distributed(2, "pretrain", *args, env={"PRETRAIN_FAULT": "kill_during_save:4"}, check=False)
+    # Real torchrun: its agent ends the surviving rank (and the killed rank's data-loader worker, which ignores
+    # stop signals and holds the output open) where the fork-server runner waits for them until its timeout.
+    fault = {"PRETRAIN_FAULT": "kill_during_save:4"}
+    crashed = run_distributed(2, "pretrain", *args, env=fault, check=False, launcher="torchrun")
     assert crashed.returncode != 0
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "step-00000004").is_dir()  # DeepSpeed wrote its files ...

@@ -148,7 +148,10 @@ def test_a_killed_invocations_rows_reach_wandb_once_and_in_order(tiny_dataset: P
     """kill -9 loses what wandb-core had not written to the killed invocation's file; the resumed invocation
     logs it again from metrics.jsonl, up to its checkpoint, and then its own steps: every step once."""
     args = train_args(tiny_dataset, tmp_path, "train.max_steps=6", "checkpoint.interval=2", "carbon.enabled=false")
-    killed = run_distributed(1, "pretrain", *args, env={"PRETRAIN_FAULT": "kill_during_save:4"}, check=False)
+    # Real torchrun for the killed invocation: the fork-server runner waits on what the killed rank leaves
+    # behind (its data-loader worker ignores stop signals) until its timeout.
+    fault = {"PRETRAIN_FAULT": "kill_during_save:4"}
+    killed = run_distributed(1, "pretrain", *args, env=fault, check=False, launcher="torchrun")
     assert killed.returncode != 0 and sorted(train_entries(tmp_path)) == [1, 2, 3, 4]
     resumed = run_distributed(1, "pretrain", *args)
     assert "at step 2" in resumed.stdout
