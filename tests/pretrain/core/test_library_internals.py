@@ -26,6 +26,7 @@ def test_pipeline_grid_and_local_layer_range_of_a_deepspeed_pipeline_module() ->
         import deepspeed, torch
         from deepspeed.pipe import LayerSpec, PipelineModule
         from pretrain.core import library_internals as internals
+        internals.skip_shared_memory_comm_op()  # as every rank does (distributed.init_distributed)
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         module = PipelineModule(layers=[LayerSpec(torch.nn.Linear, 4, 4) for _ in range(3)], num_stages=1)
         grid = internals.pipeline_grid(module)
@@ -53,6 +54,7 @@ def test_deepspeed_optimizer_internals_that_resuming_on_another_layout_reads_and
         from deepspeed.pipe import LayerSpec, PipelineModule
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         from pretrain.core import library_internals as internals
+        internals.skip_shared_memory_comm_op()  # as every rank does (distributed.init_distributed)
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
         def engine(stage, precision, pipeline=False):
@@ -334,6 +336,7 @@ def test_skip_gradient_allreduce_drops_the_gradient_all_reduce_and_trains_the_sa
         import deepspeed, torch
         from torch.profiler import profile
         from pretrain.core import library_internals as internals
+        internals.skip_shared_memory_comm_op()  # as every rank does (distributed.init_distributed)
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
         def train(precision, skip):
