@@ -142,7 +142,7 @@ def render_script(config: LaunchConfig, args: list[str]) -> str:
         "while kill -0 $srun_pid 2>/dev/null; do wait $srun_pid; code=$?; done  # wait again after a trap",
         "",
         f'verdict=$({shlex.quote(python)} -m launch.status "$run_dir" --restarts "${{SLURM_RESTART_COUNT:-0}}"'
-        f" --max-requeues {max_requeues} --requeue-failures {requeue_failures})",
+        f" --max-requeues {max_requeues} --requeue-failures {requeue_failures} --exit-code $code)",
         'case "$verdict" in',
         '    requeue) scontrol requeue "$SLURM_JOB_ID"; exit 0 ;;',
         "    finished | stopped) exit 0 ;;",

@@ -34,9 +34,15 @@ class Verdict:
     why: str
 
 
-def decide(run_dir: Path, restarts: int, max_requeues: int, requeue_failures: int = 0) -> Verdict:
+def decide(
+    run_dir: Path, restarts: int, max_requeues: int, requeue_failures: int = 0, exit_code: int | None = None
+) -> Verdict:
     run = RunDir(run_dir)
     status = run.read_status()
+    if status is None and exit_code == 0:
+        # Every rank exited 0 without a status: a program other than the trainer (launch.module), which has
+        # nothing to resume; a dead node or a crashed rank makes srun exit non-zero.
+        return Verdict("finished", f"{run.status_file} is missing and the ranks exited 0: done, not requeued")
     if status is None:
         return _after_failure(run, restarts, max_requeues, requeue_failures)
     state, reason = status.get("state"), status.get("reason") or ""
@@ -85,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restarts", type=int, default=0, help="times the job was requeued ($SLURM_RESTART_COUNT)")
     parser.add_argument("--max-requeues", type=int, default=0)
     parser.add_argument("--requeue-failures", type=int, default=0, help="requeues after failures in a row")
+    parser.add_argument("--exit-code", type=int, default=None, help="the ranks' exit code (srun's)")
     args = parser.parse_args(argv)
-    verdict = decide(args.run_dir, args.restarts, args.max_requeues, args.requeue_failures)
+    verdict = decide(args.run_dir, args.restarts, args.max_requeues, args.requeue_failures, args.exit_code)
     print(verdict.why, file=sys.stderr, flush=True)
     print(verdict.action, flush=True)
 

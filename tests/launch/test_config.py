@@ -215,3 +215,7 @@ def test_a_run_that_ended_without_a_verdict_requeues_until_failures_repeat(tmp_p
     assert verdict.action == "requeue" and "resume from step-00000004 (failure 1 of 2 in a row)" in verdict.why
     assert decide(tmp_path, 100, 100, requeue_failures=2).action == "failed"  # the requeue budget is spent
     assert decide(tmp_path, 0, 100).action == "failed"  # launcher.requeue_failures=0: a failure ends the job
+    # The ranks exited 0 without a status: not the trainer (launch.module), nothing to resume or retry.
+    done = decide(tmp_path, 0, 100, requeue_failures=2, exit_code=0)
+    assert done.action == "finished" and "exited 0" in done.why
+    assert decide(tmp_path, 0, 100, requeue_failures=9, exit_code=1).action == "requeue"  # a dead node: srun fails
