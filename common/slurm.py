@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 
-from common.errors import UserError
+from common.errors import ConfigProblems, UserError
 
 _SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
@@ -26,6 +26,27 @@ def slurm_time_seconds(text: str) -> int | None:
     if second is not None:  # MM:SS
         return int(first) * 60 + int(second)
     return int(first) * 60  # minutes
+
+
+def sbatch_line_problems(
+    problems: ConfigProblems, config: object, one_word_keys: tuple[str, ...], extra_sbatch: list[str], setup: list[str]
+) -> None:
+    """The keys that become lines of a job script: `launcher.<key>` values that must be one word (one #SBATCH
+    option each: a line break would end the option, whitespace would split it), extra sbatch options, and the
+    setup lines."""
+    for key in one_word_keys:
+        value = getattr(config, key)
+        if value is not None and (not value.strip() or re.search(r"\s", value)):
+            problems.add(f"launcher.{key}", value, "must be one word (no spaces or line breaks)")
+    for line in extra_sbatch:
+        problems.check(
+            line.startswith("-") and "\n" not in line,
+            "launcher.extra_sbatch",
+            line,
+            "each entry is one sbatch option starting with '-', e.g. --exclusive",
+        )
+    for line in setup:
+        problems.check("\n" not in line, "launcher.setup", line, "one shell line per entry")
 
 
 def sbatch(script: str, *options: str) -> str:

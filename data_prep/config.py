@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from common.errors import ConfigProblems
-from common.slurm import slurm_time_seconds
+from common.slurm import sbatch_line_problems, slurm_time_seconds
 
 # SentencePiece ids are fixed so that every dataset of this project agrees on them.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -146,20 +145,13 @@ class SlurmLauncherConfig:
             value = getattr(self, key)
             if value is not None and slurm_time_seconds(value) is None:
                 problems.add(f"launcher.{key}", value, "must be minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
-        for key in ("job_name", "mem", "tokenizer_mem", "partition", "account", "qos", "constraint"):
-            value = getattr(self, key)
-            # One #SBATCH line each: a line break would end the option, whitespace would split it.
-            if value is not None and (not value.strip() or re.search(r"\s", value)):
-                problems.add(f"launcher.{key}", value, "must be one word (no spaces or line breaks)")
-        for line in self.extra_sbatch:
-            problems.check(
-                line.startswith("-") and "\n" not in line,
-                "launcher.extra_sbatch",
-                line,
-                "each entry is one sbatch option starting with '-', e.g. --exclusive",
-            )
-        for line in self.setup:
-            problems.check("\n" not in line, "launcher.setup", line, "one shell line per entry")
+        sbatch_line_problems(
+            problems,
+            self,
+            ("job_name", "mem", "tokenizer_mem", "partition", "account", "qos", "constraint"),
+            self.extra_sbatch,
+            self.setup,
+        )
         return problems
 
 

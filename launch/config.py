@@ -23,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from common.errors import ConfigProblems, UserError
-from common.slurm import slurm_time_seconds
+from common.slurm import sbatch_line_problems, slurm_time_seconds
 from pretrain.core.config import RunConfig, run_problems
 from pretrain.core.config import register_configs as register_run_configs
 from pretrain.core.mixture import DataSources
@@ -194,20 +194,13 @@ class SlurmLauncherConfig:
             problems.check(
                 1024 <= self.rdzv_port < 65536, "launcher.rdzv_port", self.rdzv_port, "must be in [1024, 65535]"
             )
-        for key in ("job_name", "output", "error", "mem", "partition", "account", "qos", "constraint"):
-            value = getattr(self, key)
-            # One #SBATCH line each: a line break would end the option, whitespace would split it.
-            if value is not None and (not value.strip() or re.search(r"\s", value)):
-                problems.add(f"launcher.{key}", value, "must be one word (no spaces or line breaks)")
-        for line in self.extra_sbatch:
-            problems.check(
-                line.startswith("-") and "\n" not in line,
-                "launcher.extra_sbatch",
-                line,
-                "each entry is one sbatch option starting with '-', e.g. --exclusive",
-            )
-        for line in self.setup:
-            problems.check("\n" not in line, "launcher.setup", line, "one shell line per entry")
+        sbatch_line_problems(
+            problems,
+            self,
+            ("job_name", "output", "error", "mem", "partition", "account", "qos", "constraint"),
+            self.extra_sbatch,
+            self.setup,
+        )
         return problems
 
 

@@ -138,3 +138,19 @@ def _wait_until_idle(cluster: SlurmCluster, jobs: list[str], timeout: float = 12
             return
         assert time.monotonic() < deadline, f"jobs still listed: {listed}"
         time.sleep(0.5)
+
+
+def test_slurm_keys_that_become_job_script_lines_are_checked() -> None:
+    from data_prep.config import SlurmLauncherConfig
+
+    config = SlurmLauncherConfig(
+        partition="gpu a", mem="", time="soon", extra_sbatch=["exclusive"], setup=["source a\nsource b"]
+    )
+    messages = " | ".join(config.problems().messages)
+    assert "launcher.partition" in messages and "launcher.mem" in messages and "one word" in messages
+    assert "launcher.time" in messages and "launcher.extra_sbatch" in messages and "launcher.setup" in messages
+    assert (
+        not SlurmLauncherConfig(partition="gpu", mem="16G", time="1:00:00", extra_sbatch=["--exclusive"])
+        .problems()
+        .messages
+    )
