@@ -20,12 +20,27 @@ from typing import Any
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
+# Headless, no sandbox (tests run as root), and nothing that would reach for a network this machine lacks.
+HEADLESS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
+def require_chromium() -> None:
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: install it with `bash .ci/deps/chromium.sh` (run by `make test`)")
 
 
 class Chromium:
     def __init__(self, profile: Path, width: int = 1400, height: int = 1800) -> None:
-        if not Path(CHROMIUM).is_file():
-            pytest.fail(f"{CHROMIUM} is missing: install it with `bash .ci/deps/chromium.sh` (run by `make test`)")
+        require_chromium()
         commands_read, self._commands = os.pipe()
         self._answers, answers_write = os.pipe()
 
@@ -36,14 +51,7 @@ class Chromium:
         self.process = subprocess.Popen(
             [
                 CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
+                *HEADLESS,
                 "--remote-debugging-pipe",
                 f"--user-data-dir={profile}",
                 f"--window-size={width},{height}",

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.chromium import CHROMIUM, HEADLESS, require_chromium
 from tests.support import run_distributed, run_module, tiny_run_args
 
-CHROMIUM = "/usr/bin/chromium"
 CHARTS = ("loss", "lr", "throughput", "power", "emissions")
 
 
@@ -37,19 +37,11 @@ def tracked_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def screenshot(page: Path, png: Path, profile: Path) -> subprocess.CompletedProcess[str]:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: install it with `bash .ci/deps/chromium.sh` (run by `make test`)")
+    require_chromium()
     return subprocess.run(
         [
             CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *HEADLESS,
             f"--user-data-dir={profile}",
             f"--screenshot={png}",
             "--window-size=1200,2000",
