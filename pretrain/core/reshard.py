@@ -146,38 +146,22 @@ def _new_adam_state(like: torch.Tensor, group: dict[str, Any], step: int) -> dic
     }
 
 
-class _TorchLoader:
-    """ZeRO-0 fp32: our AdamW itself; the parameters are the master weights, the state is per parameter."""
+class _PerParameterLoader:
+    """ZeRO-0: an fp32 master per parameter, the AdamW state on the masters. In fp32 (our AdamW itself) the
+    parameters are their own masters; in bf16/fp16 (FP16_UnfusedOptimizer) each has an fp32 copy."""
 
-    def __init__(self, optimizer: Any) -> None:
-        self.optimizer = optimizer
+    def __init__(self, base: Any, masters: dict[int, torch.Tensor]) -> None:
+        self.base = base
+        self.masters = masters  # by id of the parameter; absent: the parameter is its own master
         self.step: int | None = None
 
-    def prepare(self, step: int | None) -> None:
-        self.step = step
-        if step is None:
-            return
-        for group in self.optimizer.param_groups:
-            for parameter in group["params"]:
-                self.optimizer.state[parameter] = _new_adam_state(parameter, group, step)
+    @classmethod
+    def for_torch(cls, optimizer: Any) -> _PerParameterLoader:
+        return cls(optimizer, {})
 
-    def set(self, parameter: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
-        parameter.copy_(tensors["master"].view_as(parameter))
-        if self.step is not None:
-            for moment in MOMENTS:
-                self.optimizer.state[parameter][moment].copy_(tensors[moment].view_as(parameter))
-
-    def finish(self) -> None:
-        pass
-
-
-class _UnfusedLoader:
-    """ZeRO-0 bf16/fp16 (FP16_UnfusedOptimizer): a fp32 master per parameter, the state on the masters."""
-
-    def __init__(self, optimizer: Any) -> None:
-        self.base = optimizer.optimizer
-        self.masters = {id(low): master for low, master in unfused_masters(optimizer)}
-        self.step: int | None = None
+    @classmethod
+    def for_unfused(cls, optimizer: Any) -> _PerParameterLoader:
+        return cls(optimizer.optimizer, {id(low): master for low, master in unfused_masters(optimizer)})
 
     def prepare(self, step: int | None) -> None:
         self.step = step
@@ -188,9 +172,10 @@ class _UnfusedLoader:
                 self.base.state[master] = _new_adam_state(master, group, step)
 
     def set(self, parameter: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
-        master = self.masters[id(parameter)]
+        master = self.masters.get(id(parameter), parameter)
         master.copy_(tensors["master"].view_as(master))
-        parameter.copy_(master)  # rounded to the parameter's precision
+        if master is not parameter:
+            parameter.copy_(master)  # rounded to the parameter's precision
         if self.step is not None:
             for moment in MOMENTS:
                 self.base.state[master][moment].copy_(tensors[moment].view_as(master))
@@ -269,8 +254,8 @@ class _Zero3Loader:
 
 
 _LOADERS: dict[str, Any] = {
-    "torch": _TorchLoader,
-    "unfused": _UnfusedLoader,
+    "torch": _PerParameterLoader.for_torch,
+    "unfused": _PerParameterLoader.for_unfused,
     "fragments": _FragmentLoader,
     "zero3": _Zero3Loader,
 }
