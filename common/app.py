@@ -46,6 +46,14 @@ def run_app(config_name: str, task: Callable[[Any], int | None]) -> None:
     _main()
 
 
+def command_line_overrides() -> list[str]:
+    """The overrides of this command line as Hydra parsed them (`key=value`, `+key=value`...), or none outside
+    a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def to_yaml(config: Any) -> str:
     """The resolved config of a typed dataclass, as YAML (for logs, manifests and checkpoints)."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))

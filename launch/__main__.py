@@ -27,12 +27,15 @@ from hydra.core.hydra_config import HydraConfig
 
 from common.app import run_app, sweep_point
 from launch.config import LaunchConfig, SlurmLauncherConfig, register_configs, training_overrides, validate_launch
+from pretrain.core.layout import run_model
 from pretrain.core.mixture import DataSources
 from pretrain.core.run_dir import RunDir, SweepPoint
 
 
 def launch(config: LaunchConfig) -> int:
-    # The datasets (one data_dir, or a mixture's data_dirs) are checked here as the ranks will check them.
+    # The datasets (one data_dir, or a mixture's data_dirs) are checked here as the ranks will check them, with
+    # the model the ranks will take (a run directory's own, without model=).
+    config = run_model(config, list(HydraConfig.get().overrides.task))
     validate_launch(config, DataSources.from_config(config))
     # The ranks get the training part of this command line, and compose the config validated above from it.
     args = training_overrides(list(HydraConfig.get().overrides.task))

@@ -1,5 +1,8 @@
 """`python -m pretrain data_dir=DIR run_dir=RUN model=tiny ...`; the same under torchrun or deepspeed.
 
+`model=` picks the shape of a new run; a run directory that holds a checkpoint (an import included) continues
+its own model without it (layout.run_model).
+
 Exit codes: 0 finished or stopped (resumable); 1 failed; 2 a user error (one `error:` line). Under torchrun with
 restarts (launcher.max_restarts > 0) a non-zero exit asks torchrun to restart the ranks, so a run that ends by
 a decision exits 0 and leaves the verdict in RUN/status.json (python -m launch exits with it), and a rank that
@@ -11,9 +14,10 @@ from __future__ import annotations
 import os
 import sys
 
-from common.app import report_user_error, run_app, sweep_point
+from common.app import command_line_overrides, report_user_error, run_app, sweep_point
 from common.errors import UserError
 from pretrain.core.config import RunConfig, register_configs, validate_run
+from pretrain.core.layout import run_model
 from pretrain.core.mixture import DataSources
 from pretrain.core.run_dir import RunDir, SweepPoint
 
@@ -22,7 +26,8 @@ EXIT_LOST_PEER = 1
 
 def train(config: RunConfig) -> int:
     # Every config problem is reported before any process group, engine or data loader starts; the datasets'
-    # manifests are read once, here, and handed to the trainer.
+    # manifests are read once, here, and handed to the trainer. A run directory with a checkpoint gives the model.
+    config = run_model(config, command_line_overrides())
     sources = DataSources.from_config(config)
     validate_run(config, sources, int(os.environ.get("WORLD_SIZE", "1")))
     point = sweep_point()  # `python -m pretrain -m ...`: the run remembers its sweep (python -m launch does too)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sentencepiece as spm
 import torch
 from hydra.core.config_store import ConfigStore
 
@@ -38,8 +37,6 @@ from pretrain.core.data import TokenSamples, build_index, eval_batches
 from pretrain.core.mixture import source_name
 from pretrain.core.model import GPT
 from pretrain.core.scoring import loss_totals
-
-SPACE_MARKER = "\u2581"
 
 
 @dataclass
@@ -121,18 +118,6 @@ class Evaluation:
         )
 
 
-def token_byte_lengths(tokenizer: spm.SentencePieceProcessor) -> np.ndarray:
-    """UTF-8 bytes each id stands for: a byte piece 1, "▁" a space, control ids (EOS...) none. With data_prep's
-    lossless settings the bytes of a token sequence are the sum over its ids."""
-    lengths = np.zeros(tokenizer.get_piece_size(), dtype=np.int64)
-    for index in range(len(lengths)):
-        if tokenizer.is_byte(index):
-            lengths[index] = 1
-        elif not (tokenizer.is_control(index) or tokenizer.is_unknown(index) or tokenizer.is_unused(index)):
-            lengths[index] = len(tokenizer.id_to_piece(index).replace(SPACE_MARKER, " ").encode("utf-8"))
-    return lengths
-
-
 # A batch: input ids (B, T), targets (B, T), segment ids (B, T) or None, weights (B,): 1 real, 0 padding.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]
 
@@ -202,17 +187,21 @@ def evaluate(config: EvaluateConfig) -> tuple[Evaluation, dict[str, Any]]:
     text = read_text(Path(config.text_file)) if config.text_file else None  # a bad path fails before loading
     loaded = load_trained_model(config.run_dir, config.checkpoint, config.device)
     model, tokenizer, state = loaded.model, loaded.tokenizer, loaded.state
-    byte_lengths = token_byte_lengths(tokenizer)
+    byte_lengths = tokenizer.byte_lengths()
     info: dict[str, Any] = {"checkpoint": str(loaded.checkpoint.path), "step": state["trainer"]["step"]}
     if text is not None:
         context = config.context or loaded.seq_len
         if context > model.config.max_seq_len:
             raise UserError(f"context={context} exceeds the model's max_seq_len={model.config.max_seq_len}")
-        ids = [tokenizer.eos_id(), *tokenizer.encode(text)]
+        ids = [tokenizer.eos_id, *tokenizer.encode(text)]
         batches = text_windows(ids, context, config.batch_size)
         result = score(model, batches, byte_lengths, f"text {config.text_file}")
         return result, {**info, "context": context, "text_file": config.text_file}
     data_dirs = [config.data_dir] if config.data_dir else training_data_dirs(state)
+    if not data_dirs:
+        raise UserError(
+            f"{loaded.checkpoint.path} was imported and trained on no dataset: give text_file=F or data_dir=D"
+        )
     samples = config.samples or int(state["config"]["eval"]["samples"])
     parts = []
     for data_dir in map(Path, data_dirs):

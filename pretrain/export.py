@@ -4,15 +4,16 @@ DIR holds config.json, model.safetensors, the tokenizer (pretrain/hf/tokenizer.p
 a README.md model card. It loads offline with `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)`, no remote code, and runs in `pipeline("text-generation", model=DIR)`.
 
-Which transformers class computes exactly our model:
-- pre-LN (GPT-2) -> `GPT2LMHeadModel`; activation "gelu_pytorch_tanh" (torch's tanh GELU, the very kernel our
-  model calls; "gelu_new" is the same formula written out in Python ops and differs by ~5e-7), or "gelu";
-- post-LN (original GPT) -> `OpenAIGPTLMHeadModel`: `ln_1(x + attn(x))`, `ln_2(n + mlp(n))`, no final norm, as
-  our Block with norm="post". Its afn "gelu" is the tanh approximation (transformers maps it to gelu_new) and
-  it has no exact-erf GELU, and its MLP is fixed at 4 x d_model: such models are refused, not approximated.
-Both store linear weights as `Conv1D` (in, out): ours (out, in) are transposed. Without biases (bias=false) the
-biases are exported as zeros, which computes the same function. model.doc_mask changes nothing here: within one
-document attention is causal either way (transformers does not block attention across packed documents).
+Which transformers class computes exactly our model, and how the weights map: pretrain/hf/gpt.py (the table
+python -m pretrain.import_hf reads them back with). model.doc_mask changes nothing here: within one document
+attention is causal either way (transformers does not block attention across packed documents).
+
+The tokenizer: a run on SentencePiece data gets its model rebuilt as an identical `tokenizers` pipeline
+(pretrain/hf/tokenizer.py); a run on a Hugging Face tokenizer (imported, or a corpus encoded with
+tokenizer.hf_path) exports its tokenizer.json as it is. Either way the tokenizer starts every text with EOS,
+as a document starts after EOS in training and as `python -m pretrain.generate` starts a prompt: EOS is the
+tokenizer's bos_token, added by `add_bos_token` (and, for the rebuilt one, by tokenizer.json's post-processor),
+so `pipeline("text-generation")` continues a prompt exactly as our generate does.
 Checkpoints are read by pretrain/core/trained_model.py, so whatever layouts it reads (ZeRO 0-3, pipelines) export.
 
 Conversions elsewhere have been a known source of silent garbage, so the export verifies itself before it is
@@ -39,9 +40,11 @@ from data_prep.manifest import MANIFEST_NAME
 from pretrain.core.callbacks.metrics_file import read_metrics
 from pretrain.core.mixture import MixtureState
 from pretrain.core.model import GPT
-from pretrain.core.model_config import ModelConfig
 from pretrain.core.run_dir import RunDir
 from pretrain.core.trained_model import TrainedModel, training_data_dirs
+from pretrain.hf.gpt import architecture, export_problems, hf_config, to_hf
+
+__all__ = ["export_problems", "hf_config", "hf_state_dict"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Real text with the cases tokenizers get wrong: accents, CJK, emoji, digits, runs of spaces, tabs, newlines.
@@ -74,78 +77,9 @@ class ExportConfig:
         return problems
 
 
-def export_problems(config: ModelConfig) -> ConfigProblems:
-    """What transformers' GPT classes cannot compute exactly, each naming the setting and why."""
-    problems = ConfigProblems()
-    if config.norm == "post" and config.activation != "gelu_tanh":
-        problems.add(
-            "model.activation",
-            config.activation,
-            "post-LN models export as OpenAIGPTLMHeadModel, whose GELU is the tanh approximation; "
-            "train with model.activation=gelu_tanh (the original GPT's) to export",
-        )
-    if config.norm == "post" and config.mlp_ratio != 4:
-        problems.add("model.mlp_ratio", config.mlp_ratio, "OpenAIGPTLMHeadModel's MLP is fixed at 4 x d_model")
-    return problems
-
-
-def hf_config(config: ModelConfig, specials: dict[str, int], dtype: str) -> Any:
-    """The transformers config object (GPT2Config or OpenAIGPTConfig) of our model's shape."""
-    from transformers import GPT2Config, OpenAIGPTConfig
-
-    common: dict[str, Any] = {
-        "vocab_size": config.vocab_size,
-        "n_positions": config.max_seq_len,
-        "n_embd": config.d_model,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": config.layer_norm_eps,
-        "initializer_range": config.init_std,
-        "tie_word_embeddings": True,
-        "dtype": dtype,
-        **specials,
-    }
-    if config.norm == "post":
-        return OpenAIGPTConfig(**common, afn="gelu", architectures=["OpenAIGPTLMHeadModel"])
-    activation = "gelu_pytorch_tanh" if config.activation == "gelu_tanh" else "gelu"
-    return GPT2Config(
-        **common,
-        n_inner=config.mlp_ratio * config.d_model,
-        activation_function=activation,
-        scale_attn_weights=True,
-        architectures=["GPT2LMHeadModel"],
-    )
-
-
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under transformers' names. lm_head is tied to the token embedding: stored once, as
-    transformers itself saves tied weights."""
-    config = model.config
-    ours = model.state_dict()
-    post = config.norm == "post"
-    names = ("tokens_embed", "positions_embed") if post else ("wte", "wpe")
-    out = {f"transformer.{names[0]}.weight": ours["wte.weight"], f"transformer.{names[1]}.weight": ours["wpe.weight"]}
-
-    def bias(key: str, size: int) -> torch.Tensor:
-        return ours[key] if key in ours else torch.zeros(size)  # bias=false: zeros compute the same
-
-    linears = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
-    for i in range(config.n_layer):
-        ours_prefix, theirs_prefix = f"blocks.{i}.", f"transformer.h.{i}."
-        for mine, theirs in linears.items():
-            weight = ours[f"{ours_prefix}{mine}.weight"]  # (out, in)
-            out[f"{theirs_prefix}{theirs}.weight"] = weight.t()  # Conv1D: (in, out)
-            out[f"{theirs_prefix}{theirs}.bias"] = bias(f"{ours_prefix}{mine}.bias", weight.shape[0])
-        for norm in ("ln_1", "ln_2"):
-            out[f"{theirs_prefix}{norm}.weight"] = ours[f"{ours_prefix}{norm}.weight"]
-            out[f"{theirs_prefix}{norm}.bias"] = bias(f"{ours_prefix}{norm}.bias", config.d_model)
-    if not post:
-        out["transformer.ln_f.weight"] = ours["ln_f.weight"]
-        out["transformer.ln_f.bias"] = bias("ln_f.bias", config.d_model)
-    return {name: tensor.detach().float().contiguous() for name, tensor in out.items()}
+    """Our weights under transformers' names (pretrain/hf/gpt.py's table)."""
+    return to_hf(model.config, model.state_dict())
 
 
 def write_model(model: GPT, specials: dict[str, int], out: Path, dtype: str) -> None:
@@ -176,16 +110,16 @@ def verify(out: Path, model: GPT, tokenizer: Any, dtype: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     theirs_tokenizer = AutoTokenizer.from_pretrained(out)
-    expected = tokenizer.encode(PROBE_TEXT)
+    expected = [tokenizer.eos_id, *tokenizer.encode(PROBE_TEXT)]  # the prompt convention: EOS first
     got = theirs_tokenizer(PROBE_TEXT)["input_ids"]
-    decoded = theirs_tokenizer.decode(expected)
-    if got != expected or decoded != PROBE_TEXT:
-        raise RuntimeError(f"exported tokenizer differs from SentencePiece: ids {got} vs {expected}, text {decoded!r}")
+    decoded = theirs_tokenizer.decode(expected, skip_special_tokens=True)
+    if got != expected or decoded != tokenizer.decode(expected):
+        raise RuntimeError(f"exported tokenizer differs from the run's: ids {got} vs {expected}, text {decoded!r}")
     theirs = AutoModelForCausalLM.from_pretrained(out).float().eval()
     # Ours with the exported precision's rounding, so only the conversion is measured.
     reference = copy.deepcopy(model).cpu().to(DTYPES[dtype]).float().eval()
-    ids = torch.tensor([[tokenizer.eos_id(), *expected][: model.config.max_seq_len]])
-    difference = float((theirs(ids).logits - reference(ids)).abs().max())
+    ids = torch.tensor([expected[: model.config.max_seq_len]])
+    difference = float((theirs(ids, attention_mask=torch.ones_like(ids)).logits - reference(ids)).abs().max())
     return {"architecture": type(theirs).__name__, "max_abs_logit_diff": difference, "probe_tokens": ids.shape[1]}
 
 
@@ -216,7 +150,18 @@ def model_card(loaded: TrainedModel, checked: dict[str, Any]) -> str:
     state, config = loaded.state, loaded.model.config
     run_dir = RunDir(loaded.checkpoint.path.parent.parent)
     step, trainer = state["trainer"]["step"], state["trainer"]
-    architecture = "OpenAIGPTLMHeadModel" if config.norm == "post" else "GPT2LMHeadModel"
+    exported_as = architecture(config)
+    imported = state.get("imported_from")
+    origin = (
+        f"imported from `{imported['hf_dir']}` ({imported['architecture']}) and trained further"
+        if imported
+        else ("trained from scratch")
+    )
+    kind = (
+        "SentencePiece BPE, byte fallback"
+        if loaded.tokenizer.kind == "sentencepiece"
+        else "Hugging Face tokenizer.json"
+    )
     params = config.num_params(config.vocab_size or 0)
     lines = [
         "---",
@@ -226,14 +171,14 @@ def model_card(loaded: TrainedModel, checked: dict[str, Any]) -> str:
         "---",
         f"# {run_dir.root.name}",
         "",
-        f"A {params / 1e6:.1f} M-parameter GPT trained from scratch with gpt-pretrain, exported as `{architecture}`.",
+        f"A {params / 1e6:.1f} M-parameter GPT {origin} with gpt-pretrain, exported as `{exported_as}`.",
         "",
         "| | |",
         "|---|---|",
         f"| architecture | {config.norm}-LN, {config.n_layer} layers, {config.n_head} heads, d_model {config.d_model}, "
         f"{config.activation} |",
         f"| context | {config.max_seq_len} tokens |",
-        f"| vocabulary | {config.vocab_size} (SentencePiece BPE, byte fallback) |",
+        f"| vocabulary | {config.vocab_size} ({kind}) |",
         f"| checkpoint | {loaded.checkpoint.tag} (step {step}) |",
         f"| tokens seen | {trainer['consumed_tokens']:,} ({trainer['consumed_samples']:,} samples) |",
         f"| training | world size {state.get('world_size', '?')}, ZeRO stage {state.get('zero_stage', '?')}, "
@@ -266,6 +211,7 @@ def model_card(loaded: TrainedModel, checked: dict[str, Any]) -> str:
             lines.append(f"- emissions: {emissions['emissions_kg_co2eq']:.4g} kg CO2eq (to step {emissions['step']})")
     else:
         lines.append("Not recorded for this run.")
+    eos_text = loaded.tokenizer.token_text(loaded.tokenizer.eos_id)
     lines += [
         "",
         "## Use",
@@ -276,9 +222,9 @@ def model_card(loaded: TrainedModel, checked: dict[str, Any]) -> str:
         'print(generate("It was a dark and stormy night", max_new_tokens=50)[0]["generated_text"])',
         "```",
         "",
-        "In training every document follows `</s>`: starting a prompt with `</s>` (id "
-        f"{loaded.tokenizer.eos_id()}) gives what `python -m pretrain.generate` gives. The tokenizer adds no "
-        "special tokens and gives the same ids as the run's SentencePiece model.",
+        f"In training every document follows the end-of-text token `{eos_text}` (id {loaded.tokenizer.eos_id}), so "
+        "the tokenizer starts every text with it (it is the bos_token): greedy decoding here gives the text "
+        "`python -m pretrain.generate top_k=1` gives. Otherwise its ids are the run's tokenizer's.",
     ]
     if checked:
         lines += [
@@ -325,14 +271,9 @@ def export(config: ExportConfig) -> dict[str, Any]:
     model_config = loaded.model.config
     export_problems(model_config).raise_if_any(f"{loaded.checkpoint.path} cannot be exported exactly")
     tokenizer = loaded.tokenizer
-    specials = {
-        "bos_token_id": tokenizer.bos_id(),
-        "eos_token_id": tokenizer.eos_id(),
-        "pad_token_id": tokenizer.pad_id(),
-    }
     temp = make_temp(out)
     try:
-        write_tokenizer(loaded.tokenizer_proto, temp, model_config.max_seq_len)
+        specials = write_tokenizer(tokenizer, temp, model_config.max_seq_len)
         write_model(loaded.model, specials, temp, config.dtype)
         checked = verify(temp, loaded.model, tokenizer, config.dtype) if config.verify else {}
         if checked and not checked["max_abs_logit_diff"] <= config.tolerance:

@@ -112,7 +112,7 @@ def run(config: GenerateConfig) -> int:
             raise UserError(f"prompts_file={config.prompts_file!r} not found")
         prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     tokenizer = loaded.tokenizer
-    eos = tokenizer.eos_id()
+    eos = tokenizer.eos_id
     print(
         f"# checkpoint {loaded.checkpoint.path} (step {loaded.state['trainer']['step']})", file=sys.stderr, flush=True
     )

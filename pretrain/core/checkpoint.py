@@ -28,6 +28,7 @@ from pretrain.core.distributed import World, barrier, problems_on_ranks
 from pretrain.core.faults import fires_once
 from pretrain.core.library_internals import guard_checkpoint_writes, weights_only_loads
 from pretrain.core.run_dir import CheckpointDir, RunDir
+from pretrain.core.run_tokenizer import FILE_NAMES, tokenizer_kind
 
 
 class Checkpointer:
@@ -73,7 +74,7 @@ class Checkpointer:
         checkpoint.portable.unlink(missing_ok=True)  # converted from an earlier content of this step
 
     def _commit(self, checkpoint: CheckpointDir, state: dict[str, Any], tokenizer: bytes) -> None:
-        write_bytes_atomic(checkpoint.tokenizer, tokenizer)
+        write_bytes_atomic(checkpoint.tokenizer_file(FILE_NAMES[tokenizer_kind(tokenizer)]), tokenizer)
         write_json_atomic(checkpoint.state_file, state)
         write_text_atomic(checkpoint.complete_marker, f"{checkpoint.tag}\n")
         fsync_dir(checkpoint.path)

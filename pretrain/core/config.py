@@ -21,7 +21,7 @@ from common.errors import ConfigProblems, UserError
 from pretrain.core.callbacks.carbon import CarbonConfig
 from pretrain.core.callbacks.spikes import RollbackConfig
 from pretrain.core.callbacks.wandb_run import WandbConfig
-from pretrain.core.layout import resume_problems
+from pretrain.core.layout import resume_problems, starts_its_data
 from pretrain.core.mixture import DataSources
 from pretrain.core.model_config import ModelConfig
 from pretrain.core.run_dir import RunDir
@@ -365,7 +365,7 @@ def rollback_problems(config: RunConfig) -> ConfigProblems:
 def _resume_problems(config: RunConfig, sources: DataSources) -> ConfigProblems:
     """Whether the run directory's latest checkpoint can continue with these sources and weights."""
     latest = RunDir(config.run_dir).latest_checkpoint()
-    if latest is None:
+    if latest is None or starts_its_data(latest.read_state()):
         return ConfigProblems()
     try:
         saved = sources.saved_state(latest.read_state(), config.seed)

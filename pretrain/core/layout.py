@@ -6,12 +6,15 @@ other: DeepSpeed loads it natively when nothing that shapes its files changed, a
 once into the portable form (pretrain/core/checkpoint_convert.py) that any layout loads (reshard.py).
 
 What cannot continue is refused before anything starts (`resume_problems`, part of the run's config checks):
-another model or another tokenizer. This module imports no torch: launchers check a run on a login node.
+another model or another tokenizer. A resumed run takes its model's shape from its checkpoint (`run_model`), so
+`model=` is needed only to start a run (an imported one: pretrain/import_hf.py). This module imports no torch:
+launchers check a run on a login node.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from common.errors import ConfigProblems
@@ -33,6 +36,8 @@ class Layout:
     compiled: bool
     # parallel.partition_method, which decides the layers of each stage (empty without pipeline stages).
     partition_method: str
+    # A checkpoint holding only the portable form (imported: pretrain/import_hf.py), no DeepSpeed files.
+    portable_only: bool = False
 
     @classmethod
     def of_run(cls, config: Any, world_size: int) -> Layout:
@@ -61,6 +66,7 @@ class Layout:
             partition_method=str(config.get("parallel", {}).get("partition_method", "parameters"))
             if stages > 1
             else "",
+            portable_only=bool(state.get("portable_only", False)),
         )
 
     @property
@@ -73,7 +79,8 @@ class Layout:
         """Whether DeepSpeed's own load_checkpoint restores a checkpoint of this layout into `other`: the same
         files per rank. Only unpartitioned optimizer state (ZeRO-0) is the same on any number of ranks."""
         same_files = (
-            self.zero_stage == other.zero_stage
+            not self.portable_only
+            and self.zero_stage == other.zero_stage
             and self.pipeline_stages == other.pipeline_stages
             and self.partition_method == other.partition_method
             and self.precision == other.precision
@@ -82,6 +89,8 @@ class Layout:
         return same_files and (self.data_parallel_size == other.data_parallel_size or not self.partitions_optimizer)
 
     def describe(self) -> str:
+        if self.portable_only:
+            return "an import (portable weights only)"
         ranks = f"{self.data_parallel_size} data-parallel rank{'s' if self.data_parallel_size > 1 else ''}"
         where = f"{self.pipeline_stages} pipeline stages x {ranks}" if self.pipeline_stages > 1 else ranks
         extra = ", compiled" if self.compiled else ""
@@ -90,35 +99,78 @@ class Layout:
 
 def resume_problems(config: Any, manifest: Manifest | None, world_size: int) -> ConfigProblems:
     """What stops `config` (a RunConfig) from resuming its run directory's latest checkpoint on `world_size`
-    ranks: another model or another tokenizer. Any change of layout is fine (it is converted)."""
+    ranks: another model, a dataset of another vocabulary or tokenizer. Any change of layout is fine (it is
+    converted). Each message names both sides."""
     problems = ConfigProblems()
     latest = RunDir(config.run_dir).latest_checkpoint()
     if latest is None:
         return problems
     state = latest.read_state()
-    saved = saved_model(state)
-    vocab = manifest.vocab_size if manifest is not None else config.model.vocab_size
+    saved = saved_model(state) or {}
     for field in fields(ModelConfig):
         name = field.name
-        if name in TRAINING_ONLY_MODEL_FIELDS or (name == "vocab_size" and vocab is None):
+        if name in TRAINING_ONLY_MODEL_FIELDS or name == "vocab_size":
             continue
-        wanted = vocab if name == "vocab_size" else getattr(config.model, name)
-        if saved is not None and name in saved and saved[name] is not None and saved[name] != wanted:
+        wanted = getattr(config.model, name)
+        if saved.get(name) is not None and saved[name] != wanted:
             problems.add(
                 f"model.{name}",
                 wanted,
-                f"the run's latest checkpoint {_where(latest)} has model.{name}={saved[name]!r}; resume with "
-                f"model.{name}={saved[name]!r}, or start a new run_dir for another model",
+                f"the run's latest checkpoint {_where(latest)} has model.{name}={saved[name]!r}; leave model= out "
+                "to continue the run's model, or start a new run_dir for another model",
             )
+    vocab = manifest.vocab_size if manifest is not None else config.model.vocab_size
+    if vocab is not None and saved.get("vocab_size") is not None and saved["vocab_size"] != vocab:
+        side = f"data_dir={config.data_dir!r} has {vocab} ids" if manifest is not None else f"model.vocab_size={vocab}"
+        problems.add(
+            "model.vocab_size",
+            vocab,
+            f"{side}, the model of run_dir={config.run_dir!r} (checkpoint {latest.tag}) {saved['vocab_size']}: "
+            "encode the corpus with the run's tokenizer (data_prep tokenizer.hf_path=... or tokenizer.model_path=...)",
+        )
     trained_with = state.get("tokenizer_sha256")
     if manifest is not None and trained_with and trained_with != manifest.tokenizer_sha256:
         problems.add(
             "data_dir",
             config.data_dir,
-            f"its tokenizer is not the one run_dir={config.run_dir!r} was trained with (checkpoint {latest.tag}); "
-            "use a new run_dir for this dataset",
+            f"was encoded with another tokenizer (sha256 {manifest.tokenizer_sha256[:12]}…) than run_dir="
+            f"{config.run_dir!r} was trained with ({trained_with[:12]}…, checkpoint {latest.tag}); encode it with "
+            f"the run's tokenizer ({latest.tokenizer}), or use a new run_dir for this dataset",
+        )
+    run_eos = (state.get("special_ids") or {}).get("eos")
+    if manifest is not None and run_eos is not None and run_eos != manifest.special_ids.get("eos"):
+        problems.add(
+            "data_dir",
+            config.data_dir,
+            f"separates documents with id {manifest.special_ids.get('eos')}, run_dir={config.run_dir!r} with "
+            f"{run_eos} (checkpoint {latest.tag}): encode it with the run's end-of-text token",
         )
     return problems
+
+
+def run_model(config: Any, overrides: Sequence[str]) -> Any:
+    """`config` (a RunConfig) with its model's shape taken from its run directory's latest checkpoint, when the
+    command line (`overrides`, Hydra's) picks no preset (`model=...`): a run continues its own model, imported or
+    not. Keys given as `model.<key>=...` stay the command line's (a training-only one such as model.dropout
+    changes the run; another shape is refused by resume_problems). The vocabulary stays the dataset's."""
+    keys = [override.lstrip("+~").split("=", 1)[0] for override in overrides]
+    latest = RunDir(config.run_dir).latest_checkpoint()
+    if "model" in keys or latest is None:
+        return config
+    saved = saved_model(latest.read_state())
+    if not saved:
+        return config
+    given = {key.split(".", 1)[1] for key in keys if key.startswith("model.")}
+    names = {field.name for field in fields(ModelConfig)}
+    shape = {name: value for name, value in saved.items() if name in names and name not in given}
+    shape["vocab_size"] = config.model.vocab_size
+    return replace(config, model=replace(config.model, **shape))
+
+
+def starts_its_data(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint has read no data yet (an import, portable weights only): the run that resumes it
+    starts its data order from the beginning, as a new run does."""
+    return bool(state.get("portable_only"))
 
 
 def saved_model(state: dict[str, Any]) -> dict[str, Any] | None:

@@ -10,7 +10,8 @@
             latest                  the tag of the newest complete checkpoint
             step-00000100/          DeepSpeed's files, plus:
                 trainer_state.json  counters, data cursor, callback state, the run config, the model's shape
-                tokenizer.model     the tokenizer, so the checkpoint is usable on its own
+                tokenizer.model     the tokenizer, so the checkpoint is usable on its own: the dataset's file,
+                                    verbatim (tokenizer.json for a Hugging Face tokenizer)
                 COMPLETE            written last, once every rank has written
             step-00000100.portable.safetensors
                                     the same training state for any layout, converted from step-00000100 when
@@ -49,6 +50,8 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 TOKENIZER_FILE = "tokenizer.model"
+# A checkpoint holds its dataset's tokenizer file under that file's name: SentencePiece, or Hugging Face's.
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")
 PORTABLE_SUFFIX = ".portable.safetensors"
 _TAG = re.compile(r"^step-(\d{8})$")
 _NODE_CSV = re.compile(r"^node-(\d+)\.csv$")
@@ -171,7 +174,17 @@ class CheckpointDir:
 
     @property
     def tokenizer(self) -> Path:
+        """The tokenizer file this checkpoint holds (tokenizer.model when it holds none)."""
+        for name in TOKENIZER_FILES:
+            if (self.path / name).is_file():
+                return self.path / name
         return self.path / TOKENIZER_FILE
+
+    def tokenizer_file(self, name: str) -> Path:
+        """Where a tokenizer file called `name` (one of TOKENIZER_FILES) is stored in this checkpoint."""
+        if name not in TOKENIZER_FILES:
+            raise ValueError(f"not a tokenizer file name: {name}")
+        return self.path / name
 
     @property
     def portable(self) -> Path:

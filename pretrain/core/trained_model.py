@@ -8,7 +8,8 @@ root and the shape in the run config: read as a fallback.)
 ZeRO-0 checkpoints hold the whole module in `mp_rank_00_model_states.pt`. Under ZeRO-1/2/3 the exact fp32
 master weights live partitioned in the optimizer files of every rank; DeepSpeed's own `zero_to_fp32`
 reassembles them (and ZeRO-3's module file holds only placeholders). Pipeline checkpoints hold one file per
-layer, mapped back onto the plain model's names (pipeline_model.py).
+layer, mapped back onto the plain model's names (pipeline_model.py). A checkpoint imported from Hugging Face
+(pretrain/import_hf.py) holds only the portable form (portable.py): its master weights are the model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sentencepiece as spm
 import torch
 
 from common.errors import UserError
@@ -27,13 +27,13 @@ from pretrain.core.library_internals import weights_only_loads, wrapper_name_par
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
 from pretrain.core.run_dir import CheckpointDir, RunDir
+from pretrain.core.run_tokenizer import RunTokenizer, load_tokenizer
 
 
 @dataclass
 class TrainedModel:
     model: GPT
-    tokenizer: spm.SentencePieceProcessor
-    tokenizer_proto: bytes  # the tokenizer file's bytes (export rebuilds it for transformers)
+    tokenizer: RunTokenizer  # SentencePiece or a Hugging Face tokenizer.json; .data: the file's bytes
     checkpoint: CheckpointDir
     state: dict[str, Any]  # trainer_state.json
 
@@ -83,6 +83,8 @@ def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def training_data_dirs(state: dict[str, Any]) -> list[str]:
     """The datasets a checkpoint was trained on: its data mixture's sources, or its one data_dir."""
+    if state.get("portable_only"):
+        return []  # an import: no data read yet
     if state.get("data_dirs"):
         return [str(d) for d in state["data_dirs"]]
     return [str(state.get("data_dir") or state["config"]["data_dir"])]
@@ -120,7 +122,12 @@ def _load(checkpoint: CheckpointDir, device: str) -> TrainedModel:
     state = checkpoint.read_state()
     model_config = ModelConfig(**(state.get("model") or state["config"]["model"]))
     model = GPT(model_config)
-    if int(state.get("pipeline_stages", 1)) > 1:
+    if state.get("portable_only"):
+        from pretrain.core.portable import PortableReader
+
+        reader = PortableReader(checkpoint.portable)
+        raw = {name: reader.get("master", name) for name in reader.names()}
+    elif int(state.get("pipeline_stages", 1)) > 1:
         from pretrain.core.pipeline_model import plain_state_dict
 
         raw = plain_state_dict(checkpoint.path, model_config.n_layer)
@@ -134,7 +141,6 @@ def _load(checkpoint: CheckpointDir, device: str) -> TrainedModel:
         raise UserError(
             f"checkpoint {checkpoint.path} does not match the model: missing {missing}, unexpected {unexpected}"
         )
-    proto = _tokenizer_bytes(checkpoint)
-    tokenizer = spm.SentencePieceProcessor(model_proto=proto)
+    tokenizer = load_tokenizer(_tokenizer_bytes(checkpoint), (state.get("special_ids") or {}).get("eos"))
     model.to(device).eval()
-    return TrainedModel(model, tokenizer, proto, checkpoint, state)
+    return TrainedModel(model, tokenizer, checkpoint, state)

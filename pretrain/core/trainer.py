@@ -39,6 +39,7 @@ from pretrain.core.data import BatchLayout, eval_batches, open_sources, train_lo
 from pretrain.core.distributed import World, all_reduce_max, all_reduce_sum, raise_on_every_rank
 from pretrain.core.engine import build_train_step
 from pretrain.core.faults import Faults
+from pretrain.core.layout import starts_its_data
 from pretrain.core.library_internals import shutdown_loader_workers
 from pretrain.core.mixture import DataSources
 from pretrain.core.model import GPT
@@ -136,14 +137,17 @@ class Trainer:
         faults = self.faults.kill_during_conversion_after
         saved = restore(self.checkpointer, self.step.engine, latest, self.config, self.world, faults)
         self.state = TrainerState(**saved["trainer"])
-        self.mixture_entry = self.sources.resume(
-            saved,
-            self.state.step,
-            self.state.consumed_samples,
-            self.config.data_reweight,
-            self.config.seed,
-            f"checkpoint {latest.path}",
-        )
+        if starts_its_data(saved):  # an imported model: its data order starts here
+            self.mixture_entry = self.sources.begin(self.config.seed)
+        else:
+            self.mixture_entry = self.sources.resume(
+                saved,
+                self.state.step,
+                self.state.consumed_samples,
+                self.config.data_reweight,
+                self.config.seed,
+                f"checkpoint {latest.path}",
+            )
         for callback in self.callbacks:
             if callback.state_key and callback.state_key in saved.get("callbacks", {}):
                 callback.load_state_dict(saved["callbacks"][callback.state_key])
@@ -383,6 +387,7 @@ class Trainer:
             "trainer": asdict(self.state),
             "callbacks": {c.state_key: c.state_dict() for c in self.callbacks if c.state_key},
             "tokenizer_sha256": self.manifest.tokenizer_sha256,
+            "special_ids": self.manifest.special_ids,
             **self.sources.checkpoint_fields(),  # data_dir or data_dirs, and the mixture's run state
             "world_size": self.world.world_size,
             "zero_stage": self.config.zero_stage,

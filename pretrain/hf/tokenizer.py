@@ -1,4 +1,5 @@
-"""The run's SentencePiece model as a Hugging Face tokenizer (`tokenizer.json`) that gives the same ids.
+"""The run's tokenizer for Hugging Face: a SentencePiece model rebuilt as a `tokenizer.json` giving the same ids,
+or the run's own tokenizer.json; with the prompt convention of `write_tokenizer`.
 
 `AutoTokenizer.from_pretrained(DIR)` loads it offline and without `trust_remote_code`: it is a plain
 `tokenizers` pipeline, rebuilt from the SentencePiece model so that each stage does what SentencePiece does
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from pretrain.core.run_tokenizer import HFTokenizer, RunTokenizer
 
 SPACE_MARKER = "\u2581"
 # The transformers class that wraps a tokenizer.json as-is: no model-specific pre/post-processing, and it
@@ -110,29 +112,70 @@ def build_tokenizer(proto: bytes) -> Any:
 
 
 def special_tokens(proto: bytes) -> dict[str, str]:
-    """{"unk_token": "<unk>", "bos_token": "<s>", ...} for the ids the SentencePiece model defines."""
+    """{"unk_token": "<unk>", "eos_token": "</s>", ...} for the ids the SentencePiece model defines; the bos_token
+    is EOS (the prompt convention: see write_tokenizer)."""
     model = _model_proto(proto)
     spec = model.trainer_spec
-    ids = {"unk_token": spec.unk_id, "bos_token": spec.bos_id, "eos_token": spec.eos_id, "pad_token": spec.pad_id}
+    ids = {"unk_token": spec.unk_id, "bos_token": spec.eos_id, "eos_token": spec.eos_id, "pad_token": spec.pad_id}
     return {name: model.pieces[index].piece for name, index in ids.items() if 0 <= index < len(model.pieces)}
 
 
-def write_tokenizer(proto: bytes, out: Path, model_max_length: int) -> None:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json in `out`."""
-    tokenizer = build_tokenizer(proto)
-    tokenizer.save(str(out / "tokenizer.json"))
-    specials = special_tokens(proto)
+def _hf_special_tokens(tokenizer: HFTokenizer) -> dict[str, str]:
+    eos = tokenizer.token_text(tokenizer.eos_id)
+    found = {"bos_token": eos, "eos_token": eos}
+    unk = (tokenizer.spec.get("model") or {}).get("unk_token")
+    if unk:
+        found["unk_token"] = unk
+    return found
+
+
+def write_tokenizer(tokenizer: RunTokenizer, out: Path, model_max_length: int) -> dict[str, int]:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json in `out`; returns the special ids for
+    config.json and generation_config.json.
+
+    The prompt convention: in training every document follows EOS, and `python -m pretrain.generate` starts a
+    prompt with EOS; so does this tokenizer: EOS is its bos_token, prepended by tokenizer.json's post-processor,
+    and `pipeline("text-generation")` then continues a prompt exactly as our generate does. (The post-processor
+    has to carry it: transformers 5 drops tokenizer_config.json's add_bos_token whenever a tokenizer.json exists.)
+    A SentencePiece run's tokenizer.json is built here; a Hugging Face run's is its own, with only that
+    post-processor added (after its own one, if any): vocabulary, merges, pre-tokenizer and decoder unchanged.
+    """
+    from tokenizers import Tokenizer, processors
+
+    eos = tokenizer.token_text(tokenizer.eos_id)
+    prepend = processors.TemplateProcessing(
+        single=f"{eos}:0 $A:0", pair=f"{eos}:0 $A:0 $B:1", special_tokens=[(eos, tokenizer.eos_id)]
+    )
+    if isinstance(tokenizer, HFTokenizer):
+        built = Tokenizer.from_str(tokenizer.data.decode("utf-8"))
+        own = built.post_processor
+        built.post_processor = processors.Sequence([own, prepend]) if own is not None else prepend
+        specials = _hf_special_tokens(tokenizer)
+    else:
+        built = build_tokenizer(tokenizer.data)
+        built.post_processor = prepend
+        specials = special_tokens(tokenizer.data)
+    built.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": TOKENIZER_CLASS,
         **specials,
         "model_max_length": model_max_length,
-        # SentencePiece never reads "</s>" in text as the control token; neither should this tokenizer.
-        "split_special_tokens": True,
+        # Neither SentencePiece nor the data_prep encoding reads "</s>" in text as the control token; neither
+        # should this tokenizer. (A tokenizer.json with its own added tokens keeps its behaviour.)
+        "split_special_tokens": not isinstance(tokenizer, HFTokenizer),
         # Decoding must give back the text exactly, not "tidy" spaces before punctuation.
         "clean_up_tokenization_spaces": False,
-        # SentencePiece's encode adds no BOS/EOS; the tokenizer.json has no post-processor either.
-        "add_bos_token": False,
-        "add_eos_token": False,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", "utf-8")
+    ids = {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}
+    pad = specials.get("pad_token")
+    ids["pad_token_id"] = _id_of(tokenizer, pad) if pad else tokenizer.eos_id
+    return ids
+
+
+def _id_of(tokenizer: RunTokenizer, token: str) -> int:
+    for index in range(tokenizer.vocab_size):
+        if tokenizer.token_text(index) == token:
+            return index
+    raise ValueError(f"{token} is not in the vocabulary")

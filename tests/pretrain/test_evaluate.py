@@ -114,7 +114,7 @@ def test_zero3_checkpoint_generates_what_zero0_generates(runs: dict[int, Path]) 
     weights0, weights3 = zero0.model.state_dict(), zero3.model.state_dict()
     assert weights0.keys() == weights3.keys()
     assert max(float((weights0[k] - weights3[k]).abs().max()) for k in weights0) < 1e-5
-    eos = zero0.tokenizer.eos_id()
+    eos = zero0.tokenizer.eos_id
     prompt = [eos, *zero0.tokenizer.encode("It was")]
     # A barely trained model's greedy choice is often a newline; sampling shows that whole distributions agree.
     for options in ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 7}):

@@ -19,6 +19,7 @@ from pretrain.core.model_config import ModelConfig
 from pretrain.core.trained_model import load_trained_model
 from pretrain.export import export_problems, hf_config, hf_state_dict
 from pretrain.generate import GenerateConfig, generate_ids
+from pretrain.hf.gpt import from_hf
 from tests.support import run_distributed, run_module, tiny_run_args
 
 ARCHITECTURES = {
@@ -40,18 +41,17 @@ texts = json.loads(open(sys.argv[1], encoding="utf-8").read())
 for export_dir in sys.argv[2:]:
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     model = AutoModelForCausalLM.from_pretrained(export_dir).float().eval()
-    ids = {name: tokenizer(text)["input_ids"] for name, text in texts.items()}
-    eos = tokenizer.eos_token_id
+    ids = {name: tokenizer(text)["input_ids"] for name, text in texts.items()}  # EOS first: the prompt convention
     with torch.no_grad():
-        window = [eos, *ids["paragraph"]][: model.config.n_positions]
+        window = ids["paragraph"][: model.config.n_positions]
         np.save(f"{export_dir}.logits.npy", model(torch.tensor([window])).logits[0].numpy())
-        prompt = torch.tensor([[eos, *ids["prompt"]]])
+        prompt = torch.tensor([ids["prompt"]])
         greedy = model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1] :].tolist()
     generated = pipeline("text-generation", model=export_dir)(texts["prompt"], max_new_tokens=8, do_sample=False)
     result = {
         "architecture": type(model).__name__,
         "ids": ids,
-        "decoded": {name: tokenizer.decode(value) for name, value in ids.items()},
+        "decoded": {name: tokenizer.decode(value, skip_special_tokens=True) for name, value in ids.items()},
         "greedy": greedy,
         "pipeline": generated[0]["generated_text"],
         "special_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id],
@@ -125,7 +125,7 @@ def test_transformers_logits_equal_ours(exported: dict) -> None:
     expected_class = {"pre": "GPT2LMHeadModel", "post": "OpenAIGPTLMHeadModel"}[exported["norm"]]
     assert exported["hf"]["architecture"] == expected_class
     loaded = load_trained_model(str(exported["run"]))
-    eos = loaded.tokenizer.eos_id()
+    eos = loaded.tokenizer.eos_id
     ids = [eos, *loaded.tokenizer.encode(exported["texts"]["paragraph"])][: loaded.model.config.max_seq_len]
     with torch.no_grad():
         ours = loaded.model(torch.tensor([ids]))[0].numpy()
@@ -139,20 +139,26 @@ def test_transformers_logits_equal_ours(exported: dict) -> None:
 def test_tokenizer_gives_sentencepiece_ids_and_decodes_back(exported: dict) -> None:
     loaded = load_trained_model(str(exported["run"]))
     for name, text in exported["texts"].items():
-        assert exported["hf"]["ids"][name] == loaded.tokenizer.encode(text), name
+        # The prompt convention: EOS (2) first, as documents start after EOS in training, then SentencePiece's ids.
+        assert exported["hf"]["ids"][name] == [2, *loaded.tokenizer.encode(text)], name
         assert exported["hf"]["decoded"][name] == text, name
-    assert exported["hf"]["special_ids"] == [1, 2, 3, 0]
+    assert exported["hf"]["special_ids"] == [2, 2, 3, 0]  # bos (= EOS), eos, pad, unk
 
 
 def test_generation_in_transformers_equals_pretrain_generate(exported: dict) -> None:
     loaded = load_trained_model(str(exported["run"]))
-    eos = loaded.tokenizer.eos_id()
+    eos = loaded.tokenizer.eos_id
     ours = generate_ids(
         loaded.model, [eos, *loaded.tokenizer.encode(PROMPT)], GenerateConfig(max_new_tokens=12, temperature=0), eos
     )
     theirs = exported["hf"]["greedy"]
     assert theirs[: len(ours)] == ours and theirs[len(ours) :] in ([], [eos])  # transformers keeps the EOS
-    assert exported["hf"]["pipeline"].startswith(PROMPT) and len(exported["hf"]["pipeline"]) > len(PROMPT)
+    # pipeline() with greedy decoding gives the text of our generate (top_k=1), prompt included.
+    shorter = generate_ids(
+        loaded.model, [eos, *loaded.tokenizer.encode(PROMPT)], GenerateConfig(max_new_tokens=8, top_k=1), eos
+    )
+    assert exported["hf"]["pipeline"] == PROMPT + loaded.tokenizer.decode(shorter)
+    assert len(exported["hf"]["pipeline"]) > len(PROMPT)
 
 
 def test_export_directory_and_model_card(exported: dict) -> None:
@@ -214,6 +220,10 @@ def test_conversion_is_exact_for_every_exportable_config(variant: str) -> None:
     with torch.no_grad():
         difference = float((theirs(ids).logits - ours(ids)).abs().max())
     assert difference < 1e-4, difference
+    if config.bias:  # and back (import_hf's direction of the same table): every tensor identical
+        back = from_hf(config, theirs.state_dict(), "test")
+        mine = {k: v for k, v in ours.state_dict().items() if k != "lm_head.weight"}
+        assert set(back) == set(mine) and all(torch.equal(back[k], mine[k]) for k in mine)
 
 
 def test_configs_transformers_cannot_compute_exactly_are_refused() -> None:
