@@ -54,8 +54,9 @@ class ImportConfig:
     run_dir: str | None = None
     # Our model has one dropout rate; unset: the config's (resid_pdrop, embd_pdrop and attn_pdrop must agree).
     dropout: float | None = None
-    # The token that separates documents; unset: tokenizer_config.json's eos_token, else config.json's
-    # eos_token_id, else the tokenizer's end-of-text token (<|endoftext|>, </s>...).
+    # The token that separates documents; unset: the eos_token of tokenizer_config.json, else of
+    # special_tokens_map.json, else the tokenizer's end-of-text token (<|endoftext|>, </s>...), else config.json's
+    # eos_token_id (data_prep's tokenizer.hf_path finds the same one).
     eos_token: str | None = None
     # Compare transformers' logits with ours on a probe text before the run is written.
     verify: bool = True
@@ -127,9 +128,10 @@ def read_tokenizer(hf_dir: Path) -> tuple[bytes, str]:
 def eos_token_id(hf_dir: Path, tokenizer: HFTokenizer, config: dict[str, Any], named: str | None) -> int:
     """The separator of documents: named, or what the directory's files say, or the end-of-text token."""
     vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
-    if named is None and (hf_dir / "tokenizer_config.json").is_file():
-        token = _read_json(hf_dir / "tokenizer_config.json").get("eos_token")
-        named = token.get("content") if isinstance(token, dict) else token
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # as data_prep's tokenizer.hf_path reads
+        if named is None and (hf_dir / name).is_file():
+            token = _read_json(hf_dir / name).get("eos_token")
+            named = token.get("content") if isinstance(token, dict) else token
     if named is not None:
         if named not in vocab:
             raise UserError(f"eos_token={named!r} is not a token of {hf_dir}/tokenizer.json")

@@ -64,7 +64,7 @@ def restore(
     if all_reduce_max(1.0 if world.is_main and not portable.is_file() else 0.0):
         _convert_on_main(checkpoint, world, kill_after_tensors)
     elif world.is_main:
-        print(f"loading {portable.name} (converted earlier)", flush=True)
+        print(f"loading {portable.name} ({'the import' if saved.portable_only else 'converted earlier'})", flush=True)
     started = time.perf_counter()
     load_portable(engine, PortableReader(portable), config.model.n_layer)
     if world.is_main:

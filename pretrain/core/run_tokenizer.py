@@ -22,10 +22,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.errors import UserError
+from pretrain.core.run_dir import TOKENIZER_FILES
 
 SENTENCEPIECE, HF = "sentencepiece", "hf"
 # The file each kind is stored as, in a dataset (data_prep) and in a checkpoint (run_dir.py).
-FILE_NAMES = {SENTENCEPIECE: "tokenizer.model", HF: "tokenizer.json"}
+FILE_NAMES = dict(zip((SENTENCEPIECE, HF), TOKENIZER_FILES, strict=True))
 # End-of-text tokens of the common tokenizer.json files (GPT-2 and its family, Llama 3, SentencePiece exports):
 # the one a tokenizer without a tokenizer_config.json separates documents with.
 END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
@@ -129,6 +130,7 @@ class HFTokenizer:
         self.data = data
         self.spec = json.loads(data)
         self.tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        self.tokenizer.encode_special_tokens = True
         self.specials = {
             int(token["id"]): str(token["content"]) for token in self.spec.get("added_tokens") or [] if token["special"]
         }
@@ -154,6 +156,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    # A special token's string in the text ("<|endoftext|>" inside a document) is text, as data_prep encodes
+    # it and as SentencePiece reads "</s>": never the special id (transformers' split_special_tokens).
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))

@@ -79,6 +79,7 @@ class Trainer:
         self.model_config: ModelConfig = replace(config.model, vocab_size=manifest.vocab_size)
         self.tokenizer = sources.tokenizer_bytes()
         self.mixture_entry: dict[str, Any] | None = None  # the data mixture this invocation starts or changes to
+        self.imported_from: dict[str, Any] | None = None  # a run that started from pretrain.import_hf: where from
         self.state = TrainerState()
         self.outcome: Outcome | None = None  # None while the run goes on
         self.faults = Faults.from_env()
@@ -137,6 +138,7 @@ class Trainer:
         faults = self.faults.kill_during_conversion_after
         saved = restore(self.checkpointer, self.step.engine, latest, self.config, self.world, faults)
         self.state = TrainerState(**saved["trainer"])
+        self.imported_from = saved.get("imported_from")  # kept in every checkpoint: the model card names it
         if starts_its_data(saved):  # an imported model: its data order starts here
             self.mixture_entry = self.sources.begin(self.config.seed)
         else:
@@ -326,14 +328,17 @@ class Trainer:
         state = TrainerState(**saved["trainer"])
         # The mixture as at the checkpoint (a reweight this invocation started there is applied again, from the
         # checkpoint's cursor): the skip below moves the cursor within it.
-        self.sources.resume(
-            saved,
-            state.step,
-            state.consumed_samples,
-            self.config.data_reweight,
-            self.config.seed,
-            f"checkpoint {latest.path}",
-        )
+        if starts_its_data(saved):  # back to an imported model: its data order started there
+            self.sources.begin(self.config.seed)
+        else:
+            self.sources.resume(
+                saved,
+                state.step,
+                state.consumed_samples,
+                self.config.data_reweight,
+                self.config.seed,
+                f"checkpoint {latest.path}",
+            )
         # At least every batch since the checkpoint: the one that spiked is never trained again.
         skipped = max(skip_batches, step - state.step) * self.layout.global_batch_size
         state.consumed_samples += skipped
@@ -397,6 +402,7 @@ class Trainer:
             # its vocabulary, and the length of the sequences it was trained on.
             "model": asdict(self.model_config),
             "seq_len": self.manifest.seq_len,
+            **({"imported_from": self.imported_from} if self.imported_from else {}),
         }
         try:
             checkpoint = self.checkpointer.save(self.step.engine, self.state.step, state, self.tokenizer)

@@ -160,9 +160,9 @@ def write_tokenizer(tokenizer: RunTokenizer, out: Path, model_max_length: int) -
         "tokenizer_class": TOKENIZER_CLASS,
         **specials,
         "model_max_length": model_max_length,
-        # Neither SentencePiece nor the data_prep encoding reads "</s>" in text as the control token; neither
-        # should this tokenizer. (A tokenizer.json with its own added tokens keeps its behaviour.)
-        "split_special_tokens": not isinstance(tokenizer, HFTokenizer),
+        # data_prep never reads a special token's string in text ("</s>", "<|endoftext|>") as the special id;
+        # neither does this tokenizer.
+        "split_special_tokens": True,
         # Decoding must give back the text exactly, not "tidy" spaces before punctuation.
         "clean_up_tokenization_spaces": False,
     }
