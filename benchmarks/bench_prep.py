@@ -18,6 +18,11 @@
     (VmHWM, sampled from /proc) of the main process and of the largest worker next to the same for the
     --mb corpus of (b), throughput against SentencePiece as in (b), the seconds of each stage, and the
     extrapolation to 1 TB: how many array tasks, and how long.
+
+With --tokenizer hf: the same (b) with a Hugging Face tokenizer (tokenizer.hf_path), a GPT-2 style byte-level
+BPE of the demo's vocabulary size trained here with `tokenizers` on the demo corpus, against `tokenizers`
+itself encoding the cleaned text line by line (benchmarks/hf_lines.py): on a Pool of as many processes of
+one thread each, and in one process with as many Rayon threads; the faster of the two is the baseline.
 """
 
 from __future__ import annotations
@@ -287,6 +292,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of (b); the fastest counts")
     parser.add_argument("--scale-gb", type=float, default=2.0, help="size of the corpus of (c); 0 skips (c)")
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where the corpora are generated")
+    parser.add_argument(
+        "--tokenizer", choices=("sentencepiece", "hf"), default="sentencepiece", help="hf: (b) with tokenizer.hf_path"
+    )
     args = parser.parse_args()
     workers = args.workers
 
@@ -301,6 +309,12 @@ def main() -> None:
     )
     scratch = Path(tempfile.mkdtemp(prefix="bench_prep-", dir=args.tmp))
     given = [*settings, f"num_workers={workers}"]
+    if args.tokenizer == "hf":
+        try:
+            hf_throughput(corpus, scratch, given, workers, args.mb, args.repeats)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     try:
         # (a) a full run that trains the tokenizer.
         trained = run_data_prep(f"input=[{corpus}]", f"output_dir={scratch / 'trained'}", *given)
@@ -374,6 +388,95 @@ def scale(
             f"    {tasks} array tasks of {cpus} CPUs: {minutes:,.0f} min of encoding at this machine's rate per CPU "
             f"(slice_mb 1024: {1e12 / 1.024e9 / tasks:,.0f} slices per task)"
         )
+
+
+# ---- --tokenizer hf ---------------------------------------------------------------------------------------
+
+HF_LINES = Path(__file__).resolve().parent / "hf_lines.py"
+
+
+def train_byte_level_bpe(corpus: Path, vocab_size: int, target: Path) -> float:
+    """GPT-2's kind of tokenizer (byte-level BPE, <|endoftext|>) trained on the demo books, saved in `target`
+    with the tokenizer_config.json naming its EOS; returns the training seconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    started = time.perf_counter()
+    tokenizer.train_from_iterator([text for _, text in BOOKS], trainer)
+    seconds = time.perf_counter() - started
+    target.mkdir(parents=True)
+    tokenizer.save(str(target / "tokenizer.json"))
+    (target / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return seconds
+
+
+def tokenizers_lines(mode: str, tokenizer: Path, corpus: Path, workers: int) -> Timing:
+    command = [sys.executable, str(HF_LINES), mode, f"--tokenizer={tokenizer}", f"--corpus={corpus}"]
+    done = subprocess.run([*command, f"--workers={workers}"], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return Timing(result["tokens"], result["seconds"], result["cpu_seconds"])
+
+
+def hf_compare(
+    name: str, corpus: Path, tokenizer: Path, settings: list[str], scratch: Path, workers: int, repeats: int
+):  # type: ignore[no-untyped-def]
+    """Alternating runs of data_prep with tokenizer.hf_path and of `tokenizers` line by line, both ways."""
+    labels = {
+        "pool": f"tokenizers line by line, Pool of {workers} x 1 thread",
+        "rayon": f"tokenizers line by line, 1 process x {workers} threads",
+    }
+    ours: list[Timing] = []
+    raw: dict[str, list[Timing]] = {mode: [] for mode in labels}
+    for attempt in range(repeats):
+        out = scratch / f"hf-{name}-{attempt}"
+        run = run_data_prep(f"input=[{corpus}]", f"output_dir={out}", *settings, f"tokenizer.hf_path={tokenizer}")
+        ours.append(Timing(_manifest(out)["tokens"], run.seconds, run.cpu_seconds))
+        shutil.rmtree(out)
+        for mode in labels:
+            raw[mode].append(tokenizers_lines(mode, tokenizer, corpus, workers))
+    print(f"  {name}: {sum(p.stat().st_size for p in corpus.iterdir()) / MB:,.0f} MB")
+    print(f"    {'':50}{'tokens':>13}{'wall s':>8}{'tokens/s':>12}{'CPU s':>8}{'tokens/CPU s':>14}  wall s of each run")
+    rows = [("python -m data_prep tokenizer.hf_path, end to end", ours)]
+    rows += [(labels[mode], timings) for mode, timings in raw.items()]
+    for label, timings in rows:
+        wall, cpu = min(timings, key=lambda t: t.seconds), min(timings, key=lambda t: t.cpu_seconds)
+        print(
+            f"    {label:50}{wall.tokens:>13,}{wall.seconds:>8.1f}{wall.rate:>12,.0f}{cpu.cpu_seconds:>8.1f}"
+            f"{cpu.cpu_rate:>14,.0f}  " + " ".join(f"{t.seconds:.1f}" for t in timings)
+        )
+    base_wall = max((t for ts in raw.values() for t in ts), key=lambda t: t.rate)
+    base_cpu = max((t for ts in raw.values() for t in ts), key=lambda t: t.cpu_rate)
+    print(
+        f"    ratio data_prep / the faster tokenizers line by line (target >= 0.9): wall "
+        f"{max(t.rate for t in ours) / base_wall.rate:.3f}, CPU {max(t.cpu_rate for t in ours) / base_cpu.cpu_rate:.3f}"
+    )
+
+
+def hf_throughput(corpus: Path, scratch: Path, given: list[str], workers: int, mb: float, repeats: int) -> None:
+    import tokenizers
+
+    vocab = next(int(s.split("=")[1]) for s in given if s.startswith("tokenizer.vocab_size="))
+    settings = [s for s in given if not s.startswith("tokenizer.")]
+    tokenizer = scratch / "byte-level-bpe"
+    seconds = train_byte_level_bpe(corpus, vocab, tokenizer)
+    print(
+        f"\ntokenizers {tokenizers.__version__}: byte-level BPE of {vocab} tokens trained on the demo corpus in {seconds:.1f} s"
+    )
+    print(f"\n(b) throughput on {workers} processes, tokenizer.hf_path; fastest of {repeats} alternating runs")
+    wrapped = scratch / "hard-wrapped"
+    _write_copies(wrapped, mb, hard_wrapped)
+    hf_compare("hard-wrapped books", wrapped, tokenizer, settings, scratch, workers, repeats)
+    long = scratch / "long-lines"
+    _write_copies(long, mb, long_lines)
+    hf_compare("lines of 100 kB and more", long, tokenizer, settings, scratch, workers, repeats)
 
 
 BOOKS: list[tuple[str, str]] = []

@@ -22,12 +22,25 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 DEFAULT_VOCAB_SIZE = 32000
 
 
+# The settings of training a tokenizer, meaningless (so refused when changed) with a given one.
+_TRAINING_KEYS = ("model_type", "character_coverage", "sample_lines", "max_line_bytes", "split_digits", "seed")
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+
 @dataclass
 class TokenizerConfig:
-    """The SentencePiece model: trained on a sample of the training split, or reused from `model_path`."""
+    """The tokenizer: SentencePiece trained on a sample of the training split, or reused from `model_path`; or
+    an existing Hugging Face tokenizer from `hf_path`."""
 
     # An existing SentencePiece .model to reuse instead of training one (its vocabulary must match vocab_size).
     model_path: str | None = None
+    # A Hugging Face tokenizer directory (its tokenizer.json, e.g. GPT-2's) to encode with instead of training
+    # one: its ids, and its end-of-text token between documents. A special token's string in the text is
+    # encoded as plain text, never as the special id.
+    hf_path: str | None = None
+    # hf_path's end-of-text token, when neither its tokenizer_config.json nor special_tokens_map.json names an
+    # eos_token and none of <|endoftext|>, </s>, <eos> is in its vocabulary.
+    hf_eos_token: str | None = None
     # Vocabulary size; when training, 32000 if unset; when reusing, checked against the model if set.
     vocab_size: int | None = None
     # "bpe" (GPT-style) or "unigram".
@@ -78,7 +91,42 @@ class TokenizerConfig:
                 self.model_path,
                 "no such file: give the path of a SentencePiece .model file",
             )
+        if self.hf_path is not None:
+            self._hf_problems(problems)
+        elif self.hf_eos_token is not None:
+            problems.add("tokenizer.hf_eos_token", self.hf_eos_token, "applies to tokenizer.hf_path only; remove it")
         return problems
+
+    def _hf_problems(self, problems: ConfigProblems) -> None:
+        assert self.hf_path is not None
+        if not os.path.isdir(self.hf_path):
+            problems.add(
+                "tokenizer.hf_path",
+                self.hf_path,
+                f"no such directory: give a Hugging Face tokenizer directory (with {HF_TOKENIZER_FILE})",
+            )
+        elif not os.path.isfile(os.path.join(self.hf_path, HF_TOKENIZER_FILE)):
+            problems.add(
+                "tokenizer.hf_path",
+                self.hf_path,
+                f"holds no {HF_TOKENIZER_FILE} (only the fast tokenizer's file is read; a directory with only "
+                "vocab.json/merges.txt: load it with transformers and save_pretrained it again)",
+            )
+        conflicting = ["tokenizer.model_path"] if self.model_path is not None else []
+        defaults = TokenizerConfig()
+        conflicting += [f"tokenizer.{key}" for key in _TRAINING_KEYS if getattr(self, key) != getattr(defaults, key)]
+        if conflicting:
+            problems.add(
+                "tokenizer.hf_path",
+                self.hf_path,
+                f"encodes with that tokenizer, so {', '.join(conflicting)} (for training or reusing a "
+                "SentencePiece model) cannot apply; remove them",
+            )
+
+    @property
+    def given(self) -> bool:
+        """Whether the tokenizer is given (model_path or hf_path) rather than trained."""
+        return self.model_path is not None or self.hf_path is not None
 
 
 @dataclass
@@ -163,7 +211,7 @@ class PrepConfig:
     input: list[str] = field(default_factory=list)
     # A named corpus fetched from a registry (`corpus=demo_books`); its files are added to `input`.
     corpus: CorpusConfig | None = None
-    # Where shards, manifest.json and tokenizer.model are written.
+    # Where shards, manifest.json and the tokenizer (tokenizer.model, or hf_path's tokenizer.json) are written.
     output_dir: str = "data"
     # Tokens a sample trains on; each stored sample holds seq_len + 1 tokens (inputs and shifted targets).
     seq_len: int = 1024

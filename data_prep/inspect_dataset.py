@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import webdataset as wds
 
 from common.app import EXIT_USER_ERROR, report_user_error
 from common.errors import UserError
+from data_prep.encoder import is_hf_tokenizer
 from data_prep.manifest import Manifest, load_manifest, verify_shards
 
 
@@ -23,13 +25,26 @@ def count_samples(path: Path) -> int:
     return sum(1 for _ in wds.WebDataset(str(path), shardshuffle=False))
 
 
+def decoder(path: Path) -> Callable[[list[int]], str]:
+    """Token ids -> text with the dataset's tokenizer: a SentencePiece model or a Hugging Face tokenizer.json."""
+    data = path.read_bytes()
+    if is_hf_tokenizer(data):
+        from data_prep.hf_tokenizer import parse_tokenizer
+
+        tokenizer = parse_tokenizer(data, str(path))
+        # Document boundaries show as the EOS token's text (SentencePiece's decode drops its control pieces).
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+    processor = spm.SentencePieceProcessor(model_proto=data)
+    return lambda ids: processor.decode(ids)
+
+
 def decode_samples(root: Path, manifest: Manifest, split: str, count: int, chars: int) -> list[str]:
-    processor = spm.SentencePieceProcessor(model_file=str(root / manifest.tokenizer_file))
+    decode = decoder(root / manifest.tokenizer_file)
     texts = []
     paths = [str(p) for p in manifest.shard_paths(root, split)]
     for sample in wds.WebDataset(paths, shardshuffle=False).decode():
         tokens = np.asarray(sample["tokens.npy"]).tolist()
-        texts.append(f"[{sample['__key__']}] " + processor.decode(tokens)[:chars])
+        texts.append(f"[{sample['__key__']}] " + decode(tokens)[:chars])
         if len(texts) == count:
             break
     return texts

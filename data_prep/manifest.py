@@ -17,7 +17,8 @@ from common.files import write_json_atomic
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-TOKENIZER_NAME = "tokenizer.model"
+# The tokenizer file a dataset holds (manifest.tokenizer_file): SentencePiece's, or a Hugging Face tokenizer.json.
+TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json")
 
 
 @dataclass

@@ -15,9 +15,9 @@ from common.errors import UserError
 from common.files import fsync_dir, write_bytes_atomic
 from data_prep.config import PrepConfig
 from data_prep.documents import SPLIT_NAMES, SPLIT_TRAIN, SPLIT_VAL
-from data_prep.manifest import FORMAT_VERSION, TOKENIZER_NAME, Manifest, ShardInfo, SplitInfo, write_manifest
+from data_prep.manifest import FORMAT_VERSION, Manifest, ShardInfo, SplitInfo, write_manifest
 from data_prep.packing import shard_name, token_dtype
-from data_prep.tokenizer import info_from_proto
+from data_prep.plan import planned_tokenizer
 from data_prep.workdir import RunSpec, WorkDir
 
 
@@ -36,21 +36,15 @@ def run_merge(work: WorkDir, spec: RunSpec, config: PrepConfig) -> Manifest:
     for name in SPLIT_NAMES:
         splits[name].shards = _move_shards(work, done, name)
     fsync_dir(work.out)
-    proto = work.tokenizer.read_bytes()
-    write_bytes_atomic(work.out / TOKENIZER_NAME, proto)
-    tokenizer = info_from_proto(proto)
+    tokenizer = planned_tokenizer(work)
+    write_bytes_atomic(work.out / tokenizer.file_name, tokenizer.data)
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         seq_len=config.seq_len,
         dtype=token_dtype(tokenizer.vocab_size).name,
         vocab_size=tokenizer.vocab_size,
-        special_ids={
-            "unk": tokenizer.unk_id,
-            "bos": tokenizer.bos_id,
-            "eos": tokenizer.eos_id,
-            "pad": tokenizer.pad_id,
-        },
-        tokenizer_file=TOKENIZER_NAME,
+        special_ids=tokenizer.special_ids,
+        tokenizer_file=tokenizer.file_name,
         tokenizer_sha256=tokenizer.sha256,
         splits=splits,
         documents=plan["documents"],

@@ -3,8 +3,9 @@
 - Exact deduplication across the whole corpus: a document is kept where its content first occurs (in slice
   order, then reading order), whichever task scanned it, so any number of tasks keeps the same documents.
   The plan holds 16 bytes per document (plus NumPy's sort) while it decides: about 3 GB for 100 M documents.
-- The tokenizer: tokenizer.model_path copied in, or SentencePiece trained on the merged sample. Written before
-  the plan's marker, so a plan killed after training reuses it.
+- The tokenizer: tokenizer.model_path or hf_path's tokenizer.json copied in, or SentencePiece trained on the
+  merged sample. Written before the plan's marker, so a plan killed after training reuses it; the plan records
+  its file name and special ids (a Hugging Face tokenizer's EOS is named by files beside it, not in it).
 - Totals of the scan (cleaning statistics, encodings, skipped files) for the manifest.
 """
 
@@ -20,8 +21,10 @@ from common.errors import UserError
 from common.files import write_bytes_atomic, write_json_atomic
 from data_prep.config import PrepConfig
 from data_prep.documents import CleanStats
+from data_prep.encoder import is_hf_tokenizer
+from data_prep.hf_tokenizer import load_hf_tokenizer
 from data_prep.sample import merge_samples
-from data_prep.tokenizer import info_from_proto, load_tokenizer, train_tokenizer
+from data_prep.tokenizer import TokenizerInfo, info_from_proto, load_tokenizer, train_tokenizer
 from data_prep.workdir import RunSpec, WorkDir
 
 
@@ -48,8 +51,14 @@ def run_plan(work: WorkDir, spec: RunSpec, config: PrepConfig, threads: int) -> 
             f"{totals['empty_documents']} empty documents, {totals['invalid_json_lines']} unusable JSON lines); "
             "point input=[...] at text files with content"
         )
-    trained, seconds = _obtain_tokenizer(work, spec, config, threads, kept)
-    plan = {"documents": kept, "cleaning": totals, "tokenizer_trained": trained, "tokenizer_seconds": seconds}
+    tokenizer, trained, seconds = _obtain_tokenizer(work, spec, config, threads, kept)
+    plan = {
+        "documents": kept,
+        "cleaning": totals,
+        "tokenizer": {"file": tokenizer.file_name, "special_ids": tokenizer.special_ids},
+        "tokenizer_trained": trained,
+        "tokenizer_seconds": seconds,
+    }
     write_json_atomic(work.plan_file, plan)
     return plan
 
@@ -97,15 +106,25 @@ def _deduplicate(work: WorkDir, slices: int) -> int:
     return int(first.sum())
 
 
+def given_tokenizer(config: PrepConfig) -> TokenizerInfo | None:
+    """The tokenizer named by tokenizer.model_path or tokenizer.hf_path, read and checked; None: trained."""
+    if config.tokenizer.hf_path is not None:
+        return load_hf_tokenizer(config.tokenizer)
+    if config.tokenizer.model_path is not None:
+        return load_tokenizer(config.tokenizer)
+    return None
+
+
 def _obtain_tokenizer(
     work: WorkDir, spec: RunSpec, config: PrepConfig, threads: int, documents: int
-) -> tuple[bool, float]:
-    if config.tokenizer.model_path:
-        write_bytes_atomic(work.tokenizer, load_tokenizer(config.tokenizer).proto)
-        return False, 0.0
+) -> tuple[TokenizerInfo, bool, float]:
+    given = given_tokenizer(config)
+    if given is not None:
+        write_bytes_atomic(work.tokenizer_file(given.file_name), given.data)
+        return given, False, 0.0
     if work.tokenizer.is_file():
         print(f"reusing the tokenizer trained by an interrupted run ({work.tokenizer})", flush=True)
-        return True, 0.0
+        return info_from_proto(work.tokenizer.read_bytes()), True, 0.0
     started = time.perf_counter()
     parts = [
         (work.scan_keys(number), work.scan_lines(number))
@@ -119,15 +138,36 @@ def _obtain_tokenizer(
             "so the training split is empty; lower val_fraction or split_passage_chars, or add text"
         )
     info = train_tokenizer(lines, config.tokenizer, threads)
-    write_bytes_atomic(work.tokenizer, info.proto)
+    write_bytes_atomic(work.tokenizer, info.data)
     seconds = time.perf_counter() - started
     print(
         f"tokenizer: trained {config.tokenizer.model_type} vocab {info.vocab_size} on {len(lines)} sampled lines "
         f"in {seconds:.1f} s",
         flush=True,
     )
-    return True, round(seconds, 3)
+    return info, True, round(seconds, 3)
 
 
-def tokenizer_info(work: WorkDir):  # type: ignore[no-untyped-def]
-    return info_from_proto(work.tokenizer.read_bytes())
+def planned_tokenizer(work: WorkDir) -> TokenizerInfo:
+    """The tokenizer the plan chose, as the encode and merge stages read it back from the work directory."""
+    plan = work.read_plan()
+    if plan is None:
+        raise UserError(f"{work.plan_file} is missing: the plan did not finish; run the same command again")
+    recorded = plan.get("tokenizer")
+    if recorded is None:  # a plan written before Hugging Face tokenizers: SentencePiece's tokenizer.model
+        return info_from_proto(work.tokenizer.read_bytes())
+    data = work.tokenizer_file(recorded["file"]).read_bytes()
+    if not is_hf_tokenizer(data):
+        return info_from_proto(data)
+    from data_prep.hf_tokenizer import parse_tokenizer, vocab_size
+
+    ids = recorded["special_ids"]
+    return TokenizerInfo(
+        data=data,
+        vocab_size=vocab_size(parse_tokenizer(data, recorded["file"])),
+        unk_id=ids["unk"],
+        bos_id=ids["bos"],
+        eos_id=ids["eos"],
+        pad_id=ids["pad"],
+        file_name=recorded["file"],
+    )

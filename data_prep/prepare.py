@@ -23,9 +23,10 @@ from common.errors import UserError
 from common.slurm import active_jobs
 from data_prep.config import PrepConfig, SlurmLauncherConfig
 from data_prep.corpus import fetch_corpus
-from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, TOKENIZER_NAME, load_manifest, verify_shards
+from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, TOKENIZER_NAMES, load_manifest, verify_shards
+from data_prep.plan import given_tokenizer
 from data_prep.sources import InputFile, discover, plan_slices
-from data_prep.tokenizer import TokenizerInfo, load_tokenizer
+from data_prep.tokenizer import TokenizerInfo
 from data_prep.workdir import RunSpec, WorkDir
 
 # Settings that do not change the output, left out of the fingerprint (so changing them is still a no-op).
@@ -35,12 +36,15 @@ _NOT_FINGERPRINTED = ("output_dir", "num_workers", "overwrite", "task_mb", "task
 def _fingerprint(config: PrepConfig, files: list[InputFile], tokenizer: TokenizerInfo | None) -> str:
     settings = {k: v for k, v in to_container(config).items() if k not in _NOT_FINGERPRINTED}
     settings.pop("corpus", None)  # the files it brings are fingerprinted below
-    payload = {
+    payload: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "settings": settings,
         "files": [(f.path, f.size, f.mtime_ns) for f in files],
         "tokenizer_sha256": tokenizer.sha256 if tokenizer else None,
     }
+    if config.tokenizer.hf_path is not None and tokenizer is not None:
+        # Its EOS is named beside tokenizer.json (tokenizer_config.json): a change there changes the dataset.
+        payload["tokenizer_special_ids"] = tokenizer.special_ids
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -79,7 +83,8 @@ def _remove_dataset(out: Path, manifest: dict[str, Any]) -> None:
             (out / shard["name"]).unlink(missing_ok=True)
     for stale in [*out.glob("train-*.tar"), *out.glob("val-*.tar")]:
         stale.unlink()
-    (out / TOKENIZER_NAME).unlink(missing_ok=True)
+    for name in TOKENIZER_NAMES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _refuse_while_jobs_run(work: WorkDir) -> None:
@@ -106,7 +111,7 @@ def prepare(config: PrepConfig) -> int:
     files = discover(patterns)
     out = Path(config.output_dir)
     _check_writable(out)
-    reused = load_tokenizer(config.tokenizer) if config.tokenizer.model_path else None
+    reused = given_tokenizer(config)
     fingerprint = _fingerprint(config, files, reused)
     work = WorkDir(out)
 

@@ -132,7 +132,16 @@ def encode_slice(
     try:
         raw = iter_documents(spec.slices[number], spec.files, report, config.input_encoding)
         codecs = {int(number): codec for number, codec in scan["codecs"].items()}
-        jobs = _jobs(raw, keep, codecs, first_needed, config, str(work.tokenizer), dtype.name, resume_from)
+        jobs = _jobs(
+            raw,
+            keep,
+            codecs,
+            first_needed,
+            config,
+            str(work.tokenizer_file(tokenizer.file_name)),
+            dtype.name,
+            resume_from,
+        )
         for job, encoded in pool.map_ordered(encode_batch, jobs):
             documents = job.batch.first + len(job.batch.docs)
             tokens = 0

@@ -25,12 +25,11 @@ from common.app import EXIT_USER_ERROR, report_user_error
 from common.errors import UserError
 from data_prep.config import PrepConfig, available_cpus, prep_config
 from data_prep.merge import print_summary, run_merge
-from data_prep.plan import run_plan
+from data_prep.plan import planned_tokenizer, run_plan
 from data_prep.pool import WorkerPool, exit_when_orphaned
 from data_prep.scan import scan_slice
 from data_prep.shards import encode_slice
 from data_prep.sources import segment_bytes
-from data_prep.tokenizer import info_from_proto
 from data_prep.workdir import RunSpec, WorkDir, task_slices
 from data_prep.workers import WorkerSettings
 
@@ -56,7 +55,7 @@ def _slice_bytes(spec: RunSpec, slices: Iterable[int]) -> int:
 
 def scan_stage(work: WorkDir, spec: RunSpec, config: PrepConfig, slices: range, pool: WorkerPool, log: bool) -> None:
     todo = [number for number in slices if not work.scan_done(number).is_file()]
-    sample = None if config.tokenizer.model_path else config.tokenizer.sample_lines
+    sample = None if config.tokenizer.given else config.tokenizer.sample_lines
     with tqdm(desc="scan", unit="B", unit_scale=True, disable=None, total=_slice_bytes(spec, todo)) as bar:
         for number in todo:
             started = time.perf_counter()
@@ -67,7 +66,7 @@ def scan_stage(work: WorkDir, spec: RunSpec, config: PrepConfig, slices: range, 
 
 def encode_stage(work: WorkDir, spec: RunSpec, config: PrepConfig, slices: range, pool: WorkerPool, log: bool) -> float:
     """Encode the slices; returns the seconds spent encoding."""
-    tokenizer = info_from_proto(work.tokenizer.read_bytes())
+    tokenizer = planned_tokenizer(work)
     todo = [number for number in slices if not work.slice_done(number).is_file()]
     started = time.perf_counter()
     tokens = 0

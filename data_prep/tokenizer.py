@@ -1,4 +1,5 @@
-"""The SentencePiece tokenizer: trained on a bounded sample of the training split, or reused from a file.
+"""The dataset's tokenizer: SentencePiece trained on a bounded sample of the training split or reused from a
+file (here), or a Hugging Face tokenizer.json (data_prep/hf_tokenizer.py); `TokenizerInfo` describes either.
 
 Settings are chosen so that tokenization is lossless (decode(encode(text)) == text for cleaned text):
 identity normalization (no NFKC), no whitespace folding, no dummy prefix, and byte fallback so no text is
@@ -18,25 +19,32 @@ from sentencepiece import sentencepiece_model_pb2
 from common.errors import UserError
 from data_prep.config import BOS_ID, DEFAULT_VOCAB_SIZE, EOS_ID, PAD_ID, UNK_ID, TokenizerConfig
 
+SENTENCEPIECE_FILE = "tokenizer.model"
+
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    proto: bytes
+    data: bytes  # the tokenizer file, copied verbatim into the dataset
     vocab_size: int
-    unk_id: int
+    unk_id: int  # -1 where the tokenizer has no such token
     bos_id: int
     eos_id: int
     pad_id: int
+    file_name: str = SENTENCEPIECE_FILE  # its name in the dataset (and the work directory)
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.proto).hexdigest()
+        return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {"unk": self.unk_id, "bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}
 
 
 def info_from_proto(proto: bytes) -> TokenizerInfo:
     processor = spm.SentencePieceProcessor(model_proto=proto)
     return TokenizerInfo(
-        proto=proto,
+        data=proto,
         vocab_size=processor.get_piece_size(),
         unk_id=processor.unk_id(),
         bos_id=processor.bos_id(),

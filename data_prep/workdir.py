@@ -6,7 +6,8 @@
     scan/slice-000007.present    ... and whether each had text (1 byte each)
     scan/slice-000007.keys.npy   its tokenizer sample candidates: sampling keys, ascending ...
     scan/slice-000007.lines      ... and their lines, one per line, in the same order
-    tokenizer.model              the tokenizer (trained by the plan, or a copy of tokenizer.model_path)
+    tokenizer.model              the tokenizer (trained by the plan, or a copy of tokenizer.model_path) ...
+    tokenizer.json               ... or a copy of tokenizer.hf_path's tokenizer.json (plan.json names which)
     plan/keep-000007.npy         which documents of slice 7 are encoded (first occurrences with text)
     plan.json                    the plan's totals: its completion marker, written after the rest
     slices/000007/train-000000.tar ...   slice 7's shards, renamed into place when complete
@@ -29,6 +30,7 @@ from typing import Any
 
 from common.files import write_json_atomic
 from data_prep.sources import InputFile, Segment
+from data_prep.tokenizer import SENTENCEPIECE_FILE
 
 WORK_DIR = ".data_prep"
 SLURM_DIR = "slurm"  # <output_dir>/slurm/: job scripts, logs and ids of a Slurm run; kept after the merge
@@ -113,7 +115,11 @@ class WorkDir:
     # ---- plan ----------------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Path:
-        return self.root / "tokenizer.model"
+        """Where a trained SentencePiece model is written."""
+        return self.tokenizer_file(SENTENCEPIECE_FILE)
+
+    def tokenizer_file(self, name: str) -> Path:
+        return self.root / name
 
     @property
     def plan_file(self) -> Path:

@@ -49,7 +49,7 @@ def demo_documents(demo_books: Path) -> list[str]:
 def demo_bpe(demo_documents: list[str]) -> SentencePieceEncoder:
     """A BPE tokenizer trained as data_prep trains one (4096 pieces, on lines of the demo corpus)."""
     info = train_tokenizer(_lines(demo_documents, 60_000), TokenizerConfig(vocab_size=4096), threads=2)
-    encoder = SentencePieceEncoder(info.proto)
+    encoder = SentencePieceEncoder(info.data)
     assert encoder.cuts is not None
     return encoder
 
