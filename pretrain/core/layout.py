@@ -116,8 +116,9 @@ def resume_problems(config: Any, manifest: Manifest | None, world_size: int) -> 
             problems.add(
                 f"model.{name}",
                 wanted,
-                f"the run's latest checkpoint {_where(latest)} has model.{name}={saved[name]!r}; leave model= out "
-                "to continue the run's model, or start a new run_dir for another model",
+                f"the run's latest checkpoint {_where(latest)} has model.{name}={saved[name]!r}; resume with "
+                f"model.{name}={saved[name]!r}, or start a new run_dir for another model"
+                + ("" if problems.messages else " (without model= and model.<shape>= a run continues its own model)"),
             )
     vocab = manifest.vocab_size if manifest is not None else config.model.vocab_size
     if vocab is not None and saved.get("vocab_size") is not None and saved["vocab_size"] != vocab:

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import UserError
 from pretrain.core.trained_model import load_trained_model
-from pretrain.evaluate import read_text
+from pretrain.evaluate import EvaluateConfig, evaluate, read_text
 from pretrain.hf.gpt import model_config_from_hf
-from tests.pretrain.hf_models import CONTEXT, encode_dataset, make_hf_dir, train_byte_level_bpe
+from pretrain.import_hf import ImportConfig, import_model
+from tests.pretrain.hf_models import CONTEXT, make_hf_dir, save_tokenizer, train_byte_level_bpe
 from tests.support import run_module
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "openai-gpt": "OpenAIGPTLMHeadModel"}
@@ -47,8 +49,11 @@ def hf(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     for name in ARCHITECTURES:
         hf_dir = make_hf_dir(root / name, name, tokenizer)
         run = root / f"run-{name}"
-        done = run_module("pretrain.import_hf", f"hf_dir={hf_dir}", f"run_dir={run}", check=True)
-        assert f"as {run}/checkpoints/step-00000000" in done.stdout
+        if name == "gpt2":  # the command, as a user runs it
+            done = run_module("pretrain.import_hf", f"hf_dir={hf_dir}", f"run_dir={run}", check=True)
+            assert f"as {run}/checkpoints/step-00000000" in done.stdout
+        else:  # the same function in this process (a second interpreter costs seconds)
+            import_model(ImportConfig(hf_dir=str(hf_dir), run_dir=str(run)))
         made[name] = {"hf_dir": hf_dir, "run": run}
     return made
 
@@ -56,10 +61,15 @@ def hf(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture(scope="module")
 def exported(hf: dict) -> dict:
     """Each imported run exported again, untouched."""
+    from pretrain.export import ExportConfig, export
+
     outs = {}
     for name in ARCHITECTURES:
         out = hf["root"] / f"export-{name}"
-        run_module("pretrain.export", f"run_dir={hf[name]['run']}", f"out={out}", check=True)
+        if name == "gpt2":  # the command, as a user runs it
+            run_module("pretrain.export", f"run_dir={hf[name]['run']}", f"out={out}", check=True)
+        else:  # the same function in this process
+            export(ExportConfig(run_dir=str(hf[name]["run"]), out=str(out)))
         outs[name] = out
     return outs
 
@@ -122,17 +132,8 @@ def test_evaluate_equals_transformers_loss_over_the_same_windows(hf: dict, expor
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text_file, context = hf["root"] / "eval.txt", 40
-    text_file.write_text("\n\n".join(hf["texts"][200:230]), encoding="utf-8")
-    output = hf["root"] / f"eval-{name}.json"
-    run_module(
-        "pretrain.evaluate",
-        f"run_dir={hf[name]['run']}",
-        f"text_file={text_file}",
-        f"context={context}",
-        f"output={output}",
-        check=True,
-    )
-    ours = json.loads(output.read_text())
+    text_file.write_text("\n\n".join(hf["texts"][200:215]), encoding="utf-8")
+    ours, _ = evaluate(EvaluateConfig(run_dir=str(hf[name]["run"]), text_file=str(text_file), context=context))
     # The guides' computation: the exported tokenizer (EOS first), windows of context + 1 overlapping by one,
     # transformers' own shifted loss per window, weighted by the tokens each predicts.
     tokenizer = AutoTokenizer.from_pretrained(exported[name])
@@ -145,26 +146,23 @@ def test_evaluate_equals_transformers_loss_over_the_same_windows(hf: dict, expor
             predicted = window.shape[1] - 1
             total += float(model(window, labels=window).loss) * predicted
             tokens += predicted
-    assert ours["tokens"] == tokens == len(ids) - 1
-    assert math.isclose(ours["loss"], total / tokens, rel_tol=1e-4), (ours["loss"], total / tokens)
+    assert ours.tokens == tokens == len(ids) - 1
+    assert math.isclose(ours.loss, total / tokens, rel_tol=1e-4), (ours.loss, total / tokens)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_pipeline_greedy_text_equals_our_generate(hf: dict, exported: dict, name: str) -> None:
+def test_pipeline_greedy_text_equals_our_generate(
+    hf: dict, exported: dict, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from transformers import pipeline
 
-    done = run_module(
-        "pretrain.generate",
-        f"run_dir={hf[name]['run']}",
-        f"prompt={PROMPT}",
-        "top_k=1",
-        "max_new_tokens=24",
-        "device=cpu",
-        check=True,
-    )
+    from pretrain.generate import GenerateConfig, run
+
+    run(GenerateConfig(run_dir=str(hf[name]["run"]), prompt=PROMPT, top_k=1, max_new_tokens=24, device="cpu"))
+    ours = capsys.readouterr().out
     generate = pipeline("text-generation", model=str(exported[name]))
     theirs = generate(PROMPT, max_new_tokens=24, do_sample=False)[0]["generated_text"]
-    assert done.stdout == theirs + "\n"
+    assert ours == theirs + "\n"
     assert len(theirs) > len(PROMPT) + 10
 
 
@@ -178,8 +176,8 @@ def test_only_vocab_and_merges_builds_the_same_tokenizer(hf: dict, tmp_path: Pat
         (hf_dir / name).write_bytes((source / name).read_bytes())
     Tokenizer.from_file(str(source / "tokenizer.json")).model.save(str(hf_dir))  # vocab.json, merges.txt
     run = tmp_path / "run"
-    done = run_module("pretrain.import_hf", f"hf_dir={hf_dir}", f"run_dir={run}", check=True)
-    assert "tokenizer from vocab.json + merges.txt" in done.stdout
+    done = import_model(ImportConfig(hf_dir=str(hf_dir), run_dir=str(run)))
+    assert done["tokenizer"].startswith("vocab.json + merges.txt")
     ours, reference = load_trained_model(str(run)).tokenizer, load_trained_model(str(hf["gpt2"]["run"])).tokenizer
     for text in (HARD_TEXT, hf["texts"][11]):
         assert ours.encode(text) == reference.encode(text)
@@ -216,22 +214,38 @@ def test_import_refusals_are_one_line(hf: dict, tmp_path: Path) -> None:
     assert "activation_function='relu' cannot be imported exactly" in done.stderr
     assert not (tmp_path / "run").exists()
     # An existing run is never overwritten.
-    done = run_module("pretrain.import_hf", f"hf_dir={source}", f"run_dir={hf['gpt2']['run']}")
-    assert done.returncode == 2 and "exists and is not empty" in done.stderr
+    with pytest.raises(UserError, match="exists and is not empty; import into a new run directory"):
+        import_model(ImportConfig(hf_dir=str(source), run_dir=str(hf["gpt2"]["run"])))
 
 
 @pytest.fixture(scope="module")
-def hf_datasets(hf: dict, tiny_dataset: Path) -> dict[str, Path]:
-    """Datasets for the refusals: the model's tokenizer at seq_len 32 and at a seq_len past the model's
-    context, another byte-level BPE of the same size, and a SentencePiece dataset (another vocabulary)."""
-    root, texts = hf["root"], hf["texts"][:400]
-    tokenizer = hf["gpt2"]["hf_dir"] / "tokenizer.json"
-    other = root / "other-tokenizer.json"
-    train_byte_level_bpe(texts[::-1][:150]).save(str(other))
+def hf_datasets(hf: dict, small_corpus: Path, tiny_dataset: Path) -> dict[str, Path]:
+    """Real books encoded by `python -m data_prep ... tokenizer.hf_path=DIR`: with the model's tokenizer at
+    seq_len 32 and at a seq_len past the model's context, with another byte-level BPE of the same size; and a
+    SentencePiece dataset (another vocabulary)."""
+    root = hf["root"]
+    other = root / "other-tokenizer"
+    save_tokenizer(train_byte_level_bpe(hf["texts"][::-1][:300]), other)
+
+    def prepare(name: str, hf_dir: Path, seq_len: int) -> Path:
+        out = root / name
+        run_module(
+            "data_prep",
+            f"input=[{small_corpus}]",
+            f"output_dir={out}",
+            f"tokenizer.hf_path={hf_dir}",
+            f"seq_len={seq_len}",
+            "val_fraction=0.1",
+            "num_workers=1",
+            check=True,
+        )
+        return out
+
+    model_dir = hf["gpt2"]["hf_dir"]
     return {
-        "fits": encode_dataset(root / "data-fits", tokenizer, texts, 32),
-        "long": encode_dataset(root / "data-long", tokenizer, texts, CONTEXT + 32),
-        "other": encode_dataset(root / "data-other", other, texts, 32),
+        "fits": prepare("data-fits", model_dir, 32),
+        "long": prepare("data-long", model_dir, CONTEXT + 32),
+        "other": prepare("data-other", other, 32),
         "sentencepiece": tiny_dataset,
     }
 
@@ -245,7 +259,11 @@ REFUSALS = {
     ),
     "context": ("long", (), ["model.max_seq_len=96", f"dataset's seq_len ({CONTEXT + 32})"]),
     "tokenizer": ("other", (), ["was encoded with another tokenizer", "than run_dir="]),
-    "model": ("fits", ("model=tiny",), ["model.n_layer=4", "has model.n_layer=2", "leave model= out"]),
+    "model": (
+        "fits",
+        ("model=tiny",),
+        ["model.n_layer=4", "has model.n_layer=2", "without model= and model.<shape>= a run continues"],
+    ),
 }
 
 
@@ -261,8 +279,8 @@ def test_training_an_imported_run_refuses_what_does_not_fit(hf: dict, hf_dataset
 
 
 def test_imported_run_fine_tunes_on_two_ranks_resumes_and_exports(hf: dict, hf_datasets: dict, tmp_path: Path) -> None:
-    """The guides' workflow: the imported GPT-2 trains on a corpus in its own ids (ZeRO-2 on 2 ranks, no
-    model=), stops, resumes, and exports again; the tokenizer's sha256 agrees everywhere."""
+    """The guides' workflow: the imported GPT-2 trains on a corpus data_prep encoded in its ids (2 ranks, no
+    model=: a pipeline, then ZeRO-2), stops, resumes, and exports again; the tokenizer's sha256 agrees."""
     import hashlib
     import shutil
 
@@ -276,7 +294,6 @@ def test_imported_run_fine_tunes_on_two_ranks_resumes_and_exports(hf: dict, hf_d
         f"run_dir={run}",
         f"data_dir={data}",
         "experiment=finetune",
-        "zero_stage=2",
         "train.max_steps=6",
         "train.steps_per_run=3",
         "train.micro_batch_size=2",
@@ -290,9 +307,10 @@ def test_imported_run_fine_tunes_on_two_ranks_resumes_and_exports(hf: dict, hf_d
         "wandb.mode=disabled",
         "carbon.enabled=false",
     ]
-    first = run_distributed(2, "pretrain", *args)
-    assert "resumed from" in first.stdout and "at step 0" in first.stdout  # the import, converted for ZeRO-2
-    second = run_distributed(2, "pretrain", *args)
+    # The import loads into a 2-stage pipeline, whose checkpoint then resumes under ZeRO-2 on 2 data-parallel ranks.
+    first = run_distributed(2, "pretrain", *args, "parallel.pipeline_stages=2", "zero_stage=1")
+    assert "loading step-00000000.portable.safetensors (the import)" in first.stdout and "at step 0" in first.stdout
+    second = run_distributed(2, "pretrain", *args, "zero_stage=2")
     assert "at step 3" in second.stdout and "finished 6 steps" in second.stdout
     checkpoint = RunDir(run).latest_checkpoint()
     assert checkpoint is not None and checkpoint.step == 6

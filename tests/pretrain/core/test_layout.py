@@ -11,7 +11,7 @@ import pytest
 
 from common.errors import UserError
 from pretrain.core.config import RunConfig, validate_run
-from pretrain.core.layout import Layout, resume_problems
+from pretrain.core.layout import Layout, resume_problems, run_model
 from pretrain.core.model_config import ModelConfig
 
 BASE = Layout(
@@ -89,3 +89,26 @@ def test_another_model_or_tokenizer_is_refused_before_anything_starts(tmp_path: 
 
 def test_a_run_without_checkpoint_has_nothing_to_resume(tmp_path: Path) -> None:
     assert resume_problems(RunConfig(run_dir=str(tmp_path / "new")), None, 1).messages == []
+
+
+def test_a_resumed_run_takes_its_model_from_the_checkpoint_unless_a_preset_is_given(tmp_path: Path) -> None:
+    trained = ModelConfig(name="gpt2", vocab_size=400, n_layer=2, n_head=2, d_model=32, max_seq_len=96, dropout=0.1)
+    config = _run_with_checkpoint(tmp_path, trained)
+    config.model = ModelConfig(name="tiny", n_layer=4, n_head=4, d_model=128, max_seq_len=256, dropout=0.2)
+    # No model= on the command line: the run's shape; the vocabulary stays the dataset's to check.
+    adopted = run_model(config, ["data_dir=d", "train.lr=1e-5"])
+    assert adopted.model == replace(trained, vocab_size=None)
+    # model.<key>= stays the command line's: a training-only key changes the run, a shape key is refused.
+    adopted = run_model(config, ["model.dropout=0.2"])
+    assert adopted.model == replace(trained, vocab_size=None, dropout=0.2)
+    assert resume_problems(adopted, None, 1).messages == []
+    adopted = run_model(config, ["model.n_layer=4"])
+    assert [m.split(":")[0] for m in resume_problems(adopted, None, 1).messages] == ["model.n_layer=4"]
+    # model=<preset>: the preset, compared with the run's (refused when it differs).
+    assert run_model(config, ["model=tiny"]) is config
+    assert (
+        "without model= and model.<shape>= a run continues its own model"
+        in resume_problems(config, None, 1).messages[0]
+    )
+    # A new run directory: the config's model.
+    assert run_model(replace(config, run_dir=str(tmp_path / "new")), []).model == config.model
