@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from hydra.core.config_store import ConfigStore
 
 from common.app import run_app
-from common.errors import ConfigProblems
+from common.errors import ConfigProblems, UserError
 
 
 @dataclass
@@ -54,6 +54,10 @@ def run(config: ConvertConfig) -> int:
         from pretrain.core.checkpoint_convert import convert
 
     layout = Layout.of_checkpoint(checkpoint.read_state())
+    if layout.portable_only:  # never delete the weights of an import: there is nothing to convert them from
+        raise UserError(
+            f"{checkpoint.path} is an import: {target.name} is its only copy of the weights; force=true refused"
+        )
     print(f"converting {checkpoint.path} ({layout.describe()})", flush=True)
     started = time.perf_counter()
     if config.force:

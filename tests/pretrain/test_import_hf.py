@@ -216,6 +216,13 @@ def test_import_refusals_are_one_line(hf: dict, tmp_path: Path) -> None:
     # An existing run is never overwritten.
     with pytest.raises(UserError, match="exists and is not empty; import into a new run directory"):
         import_model(ImportConfig(hf_dir=str(source), run_dir=str(hf["gpt2"]["run"])))
+    # Nor its weights deleted: converting an import again would remove its only copy.
+    from pretrain.convert_checkpoint import ConvertConfig
+    from pretrain.convert_checkpoint import run as convert
+
+    with pytest.raises(UserError, match=r"is an import: step-00000000\.portable\.safetensors is its only copy"):
+        convert(ConvertConfig(run_dir=str(hf["gpt2"]["run"]), force=True))
+    assert (hf["gpt2"]["run"] / "checkpoints" / "step-00000000.portable.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
