@@ -332,7 +332,8 @@ def run_problems(config: RunConfig, sources: DataSources | None, world_size: int
             problems.add(
                 "model.max_seq_len",
                 model.max_seq_len,
-                f"is shorter than the dataset's seq_len ({manifest.seq_len}); raise it or prepare shorter samples",
+                f"is shorter than the dataset's seq_len ({manifest.seq_len}); prepare samples of seq_len <= "
+                f"{model.max_seq_len} (data_prep seq_len=...), or raise model.max_seq_len in a new run",
             )
         if not problems.messages:
             problems.extend(_resume_problems(config, sources))
