@@ -182,6 +182,26 @@ def test_only_vocab_and_merges_builds_the_same_tokenizer(hf: dict, tmp_path: Pat
     for text in (HARD_TEXT, hf["texts"][11]):
         assert ours.encode(text) == reference.encode(text)
     assert ours.eos_id == reference.eos_id
+    # DIR has no tokenizer.json for data_prep: the run's checkpoint holds it, and encodes the corpus for the run.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "book.txt").write_text("\n\n".join(hf["texts"][:300]), encoding="utf-8")
+    checkpoint = run / "checkpoints" / "step-00000000"
+    data = tmp_path / "data"
+    run_module(
+        "data_prep",
+        f"input=[{corpus}]",
+        f"output_dir={data}",
+        f"tokenizer.hf_path={checkpoint}",
+        "seq_len=32",
+        "val_fraction=0.2",
+        "num_workers=1",
+        check=True,
+    )
+    manifest = json.loads((data / "manifest.json").read_text())
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert manifest["tokenizer_sha256"] == state["tokenizer_sha256"]
+    assert manifest["special_ids"]["eos"] == state["special_ids"]["eos"] == ours.eos_id
 
 
 REFUSED_CONFIGS = {
