@@ -62,13 +62,18 @@ def load_hf_tokenizer(config: TokenizerConfig) -> TokenizerInfo:
         )
     named = _named_special_tokens(directory)
     ids = {kind: _token_id(tokenizer, named.get(f"{kind}_token")) for kind in ("unk", "bos", "pad")}
+    return hf_info(data, {**ids, "eos": _eos_id(tokenizer, config, named)}, tokenizer)
+
+
+def hf_info(data: bytes, special_ids: dict[str, int], tokenizer: Any = None) -> TokenizerInfo:
+    """The TokenizerInfo of tokenizer.json's bytes with the special ids found for it (by load_hf_tokenizer)."""
     return TokenizerInfo(
         data=data,
-        vocab_size=size,
-        eos_id=_eos_id(tokenizer, config, named),
-        unk_id=ids["unk"],
-        bos_id=ids["bos"],
-        pad_id=ids["pad"],
+        vocab_size=vocab_size(tokenizer or parse_tokenizer(data, HF_TOKENIZER_FILE)),
+        unk_id=special_ids["unk"],
+        bos_id=special_ids["bos"],
+        eos_id=special_ids["eos"],
+        pad_id=special_ids["pad"],
         file_name=HF_TOKENIZER_FILE,
     )
 

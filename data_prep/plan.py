@@ -22,7 +22,7 @@ from common.files import write_bytes_atomic, write_json_atomic
 from data_prep.config import PrepConfig
 from data_prep.documents import CleanStats
 from data_prep.encoder import is_hf_tokenizer
-from data_prep.hf_tokenizer import load_hf_tokenizer
+from data_prep.hf_tokenizer import hf_info, load_hf_tokenizer
 from data_prep.sample import merge_samples
 from data_prep.tokenizer import TokenizerInfo, info_from_proto, load_tokenizer, train_tokenizer
 from data_prep.workdir import RunSpec, WorkDir
@@ -157,17 +157,4 @@ def planned_tokenizer(work: WorkDir) -> TokenizerInfo:
     if recorded is None:  # a plan written before Hugging Face tokenizers: SentencePiece's tokenizer.model
         return info_from_proto(work.tokenizer.read_bytes())
     data = work.tokenizer_file(recorded["file"]).read_bytes()
-    if not is_hf_tokenizer(data):
-        return info_from_proto(data)
-    from data_prep.hf_tokenizer import parse_tokenizer, vocab_size
-
-    ids = recorded["special_ids"]
-    return TokenizerInfo(
-        data=data,
-        vocab_size=vocab_size(parse_tokenizer(data, recorded["file"])),
-        unk_id=ids["unk"],
-        bos_id=ids["bos"],
-        eos_id=ids["eos"],
-        pad_id=ids["pad"],
-        file_name=recorded["file"],
-    )
+    return hf_info(data, recorded["special_ids"]) if is_hf_tokenizer(data) else info_from_proto(data)

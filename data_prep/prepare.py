@@ -36,6 +36,10 @@ _NOT_FINGERPRINTED = ("output_dir", "num_workers", "overwrite", "task_mb", "task
 def _fingerprint(config: PrepConfig, files: list[InputFile], tokenizer: TokenizerInfo | None) -> str:
     settings = {k: v for k, v in to_container(config).items() if k not in _NOT_FINGERPRINTED}
     settings.pop("corpus", None)  # the files it brings are fingerprinted below
+    # Keys added with Hugging Face tokenizers count only when set: a dataset prepared before them stays as it is.
+    for key in ("hf_path", "hf_eos_token"):
+        if settings["tokenizer"].get(key) is None:
+            settings["tokenizer"].pop(key, None)
     payload: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "settings": settings,
