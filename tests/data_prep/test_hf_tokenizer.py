@@ -194,19 +194,23 @@ def test_inspect_dataset_decodes_with_the_hf_tokenizer(hf_dataset: Path, capsys:
 def test_a_sentencepiece_tokenizer_exported_as_tokenizer_json_gives_sentencepieces_ids(
     tmp_path: Path, hf_corpus: Path
 ) -> None:
+    from pretrain.core.run_tokenizer import load_tokenizer
     from pretrain.hf.tokenizer import write_tokenizer
 
     lines = [line for path in sorted(hf_corpus.iterdir()) for line in path.read_text("utf-8").splitlines() if line]
     proto = train_tokenizer(lines, TokenizerConfig(vocab_size=800), threads=1).data
     exported = tmp_path / "exported"
     exported.mkdir()
-    write_tokenizer(proto, exported, model_max_length=64)
+    # The export's tokenizer.json prepends EOS in its post-processor (the prompt convention): data_prep must not.
+    write_tokenizer(load_tokenizer(proto), exported, model_max_length=64)
+    assert Tokenizer.from_file(str(exported / "tokenizer.json")).encode("a").ids[0] == 2
     out = tmp_path / "data"
     args = (f"input=[{hf_corpus}]", f"output_dir={out}", *HF_PREP, f"tokenizer.hf_path={exported}")
     run_module("data_prep", *args, check=True)
     manifest = load_manifest_json(out)
     processor = spm.SentencePieceProcessor(model_proto=proto)
-    assert manifest["special_ids"] == {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+    # The export names EOS its bos_token too (the prompt convention), and the manifest the ids its files name.
+    assert manifest["special_ids"] == {"unk": 0, "bos": 2, "eos": 2, "pad": 3}
     assert manifest["vocab_size"] == processor.get_piece_size()
     # SentencePiece's own ids (it never reads "</s>" in text as the control piece; nor does data_prep).
     checked = assert_encoded_as(out, hf_corpus, processor.encode, processor.decode)
