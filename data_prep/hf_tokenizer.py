@@ -52,7 +52,12 @@ def load_hf_tokenizer(config: TokenizerConfig) -> TokenizerInfo:
     assert config.hf_path is not None
     directory = Path(config.hf_path)
     path = directory / HF_TOKENIZER_FILE
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(
+            f"tokenizer.hf_path={config.hf_path!r}: cannot read {path} ({error.strerror or error}); make it readable"
+        ) from None
     tokenizer = parse_tokenizer(data, f"tokenizer.hf_path={config.hf_path!r}: {path}")
     size = vocab_size(tokenizer)
     if config.vocab_size is not None and config.vocab_size != size:

@@ -289,6 +289,10 @@ def test_no_end_of_text_token_names_the_key_to_set(tmp_path: Path) -> None:
         load_hf_tokenizer(TokenizerConfig(hf_path=str(directory)))
     with pytest.raises(UserError, match="'<z>', which is not in the vocabulary"):
         load_hf_tokenizer(TokenizerConfig(hf_path=str(directory), hf_eos_token="<z>"))
+    unreadable = tmp_path / "unreadable"
+    (unreadable / "tokenizer.json").mkdir(parents=True)  # unreadable as a file even by root
+    with pytest.raises(UserError, match=r"cannot read .*tokenizer\.json"):
+        load_hf_tokenizer(TokenizerConfig(hf_path=str(unreadable)))
 
 
 # ---- bad input: one error line, exit 2, nothing written -------------------------------------------------------
