@@ -39,7 +39,7 @@ class TokenizerConfig:
     # encoded as plain text, never as the special id.
     hf_path: str | None = None
     # hf_path's end-of-text token, when neither its tokenizer_config.json nor special_tokens_map.json names an
-    # eos_token and none of <|endoftext|>, </s>, <eos> is in its vocabulary.
+    # eos_token and none of <|endoftext|>, <|end_of_text|>, </s>, <eos>, <|eos|> is in its vocabulary.
     hf_eos_token: str | None = None
     # Vocabulary size; when training, 32000 if unset; when reusing, checked against the model if set.
     vocab_size: int | None = None

@@ -4,8 +4,8 @@ The dataset gets a verbatim copy of DIR/tokenizer.json (manifest.tokenizer_file,
 tokenizer's full vocabulary size (added tokens included) and its end-of-text token as EOS, the separator
 between documents. Which token that is comes from, in order: tokenizer.hf_eos_token; the eos_token of
 DIR/tokenizer_config.json (as transformers' save_pretrained writes it), else of DIR/special_tokens_map.json;
-else the first of <|endoftext|>, </s>, <eos> in the vocabulary. The same files give the bos, unk and pad ids
-recorded in the manifest (-1 where the tokenizer has none).
+else the first of EOS_NAMES (<|endoftext|>, </s>, ...) in the vocabulary. The same files give the bos, unk
+and pad ids recorded in the manifest (-1 where the tokenizer has none).
 
 How text becomes ids is data_prep/encoder.py's HFTokenizerEncoder: `tokenizer.encode(text,
 add_special_tokens=False)` with special tokens' strings read as plain text.
@@ -21,8 +21,9 @@ from common.errors import UserError
 from data_prep.config import HF_TOKENIZER_FILE, TokenizerConfig
 from data_prep.tokenizer import TokenizerInfo
 
-# End-of-text tokens by the names the common tokenizer families give them (GPT-2/NeoX, T5/Llama 2, Gemma).
-EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>")
+# End-of-text tokens by the names the common tokenizer families give them (GPT-2/NeoX, Llama 3, T5/Llama 2,
+# Gemma), in the order pretrain/core/run_tokenizer.py's END_OF_TEXT looks for them.
+EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 # The transformers files that name a tokenizer's special tokens, in the order they are trusted.
 _SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
