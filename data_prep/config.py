@@ -16,6 +16,7 @@ from omegaconf import MISSING, OmegaConf
 
 from common.errors import ConfigProblems
 from common.slurm import sbatch_line_problems, slurm_time_seconds
+from common.tokenizer_files import HF_FILE
 
 # SentencePiece ids are fixed so that every dataset of this project agrees on them.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -24,7 +25,7 @@ DEFAULT_VOCAB_SIZE = 32000
 
 # The settings of training a tokenizer, meaningless (so refused when changed) with a given one.
 _TRAINING_KEYS = ("model_type", "character_coverage", "sample_lines", "max_line_bytes", "split_digits", "seed")
-HF_TOKENIZER_FILE = "tokenizer.json"
+HF_TOKENIZER_FILE = HF_FILE
 
 
 @dataclass

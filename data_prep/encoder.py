@@ -37,6 +37,8 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from common.tokenizer_files import is_hf_tokenizer
+
 # Characters per chunk handed to SentencePiece (cut at the first safe place after this many).
 CHUNK_CHARS = 256
 # How far past CHUNK_CHARS a line break is looked for before a long line is cut inside.
@@ -183,12 +185,6 @@ class HFTokenizerEncoder:
         # time than encode on whole books).
         (encoding,) = self._encode_batch([text], add_special_tokens=False)
         return np.array(encoding.ids, dtype=np.uint32)
-
-
-def is_hf_tokenizer(data: bytes) -> bool:
-    """Whether a tokenizer file is a Hugging Face tokenizer.json (JSON) rather than a SentencePiece model (a
-    protobuf, whose first byte is a field tag, never "{")."""
-    return data.lstrip()[:1] == b"{"
 
 
 def load_encoder(data: bytes) -> TokenEncoder:

@@ -4,7 +4,7 @@ The dataset gets a verbatim copy of DIR/tokenizer.json (manifest.tokenizer_file,
 tokenizer's full vocabulary size (added tokens included) and its end-of-text token as EOS, the separator
 between documents. Which token that is comes from, in order: tokenizer.hf_eos_token; the eos_token of
 DIR/tokenizer_config.json (as transformers' save_pretrained writes it), else of DIR/special_tokens_map.json;
-else the first of EOS_NAMES (<|endoftext|>, </s>, ...) in the vocabulary. The same files give the bos, unk
+else the first of END_OF_TEXT_NAMES (<|endoftext|>, </s>, ...) in the vocabulary. The same files give the bos, unk
 and pad ids recorded in the manifest (-1 where the tokenizer has none).
 
 How text becomes ids is data_prep/encoder.py's HFTokenizerEncoder: `tokenizer.encode(text,
@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.tokenizer_files import END_OF_TEXT_NAMES
 from data_prep.config import HF_TOKENIZER_FILE, TokenizerConfig
 from data_prep.tokenizer import TokenizerInfo
 
-# End-of-text tokens by the names the common tokenizer families give them (GPT-2/NeoX, Llama 3, T5/Llama 2,
-# Gemma), in the order pretrain/core/run_tokenizer.py's END_OF_TEXT looks for them.
-EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 # The transformers files that name a tokenizer's special tokens, in the order they are trusted.
 _SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
@@ -119,12 +117,12 @@ def _eos_id(tokenizer: Any, config: TokenizerConfig, named: dict[str, str]) -> i
     elif "eos_token" in named:
         token, source = named["eos_token"], f"the eos_token of {config.hf_path}'s tokenizer_config.json"
     else:
-        for token in EOS_NAMES:
+        for token in END_OF_TEXT_NAMES:
             if (found := tokenizer.token_to_id(token)) is not None:
                 return int(found)
         raise UserError(
             f"tokenizer.hf_path={config.hf_path!r} names no end-of-text token (no eos_token in tokenizer_config.json "
-            f"or special_tokens_map.json, none of {', '.join(EOS_NAMES)} in its vocabulary); documents need one "
+            f"or special_tokens_map.json, none of {', '.join(END_OF_TEXT_NAMES)} in its vocabulary); documents need one "
             "between them: set tokenizer.hf_eos_token=TOKEN to one of its tokens"
         )
     found = tokenizer.token_to_id(token)

@@ -16,7 +16,7 @@ import webdataset as wds
 
 from common.app import EXIT_USER_ERROR, report_user_error
 from common.errors import UserError
-from data_prep.encoder import is_hf_tokenizer
+from common.tokenizer_files import is_hf_tokenizer
 from data_prep.manifest import Manifest, load_manifest, verify_shards
 
 

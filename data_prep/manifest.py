@@ -14,11 +14,12 @@ from typing import Any
 
 from common.errors import UserError
 from common.files import write_json_atomic
+from common.tokenizer_files import TOKENIZER_FILES
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # The tokenizer file a dataset holds (manifest.tokenizer_file): SentencePiece's, or a Hugging Face tokenizer.json.
-TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json")
+TOKENIZER_NAMES = TOKENIZER_FILES
 
 
 @dataclass

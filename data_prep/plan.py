@@ -19,9 +19,9 @@ import numpy as np
 
 from common.errors import UserError
 from common.files import write_bytes_atomic, write_json_atomic
+from common.tokenizer_files import is_hf_tokenizer
 from data_prep.config import PrepConfig
 from data_prep.documents import CleanStats
-from data_prep.encoder import is_hf_tokenizer
 from data_prep.hf_tokenizer import hf_info, load_hf_tokenizer
 from data_prep.sample import merge_samples
 from data_prep.tokenizer import TokenizerInfo, info_from_proto, load_tokenizer, train_tokenizer

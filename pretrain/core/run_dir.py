@@ -45,13 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from common.files import write_json_atomic
+from common.tokenizer_files import SENTENCEPIECE_FILE, TOKENIZER_FILES
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-TOKENIZER_FILE = "tokenizer.model"
 # A checkpoint holds its dataset's tokenizer file under that file's name: SentencePiece, or Hugging Face's.
-TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")
+TOKENIZER_FILE = SENTENCEPIECE_FILE
 PORTABLE_SUFFIX = ".portable.safetensors"
 _TAG = re.compile(r"^step-(\d{8})$")
 _NODE_CSV = re.compile(r"^node-(\d+)\.csv$")

@@ -22,19 +22,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.errors import UserError
-from pretrain.core.run_dir import TOKENIZER_FILES
+from common.tokenizer_files import END_OF_TEXT_NAMES, TOKENIZER_FILES, is_hf_tokenizer
 
 SENTENCEPIECE, HF = "sentencepiece", "hf"
 # The file each kind is stored as, in a dataset (data_prep) and in a checkpoint (run_dir.py).
 FILE_NAMES = dict(zip((SENTENCEPIECE, HF), TOKENIZER_FILES, strict=True))
-# End-of-text tokens of the common tokenizer.json files (GPT-2 and its family, Llama 3, SentencePiece exports):
-# the one a tokenizer without a tokenizer_config.json separates documents with.
-END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 SPACE_MARKER = "\u2581"
 
 
 def tokenizer_kind(data: bytes) -> str:
-    return HF if data.lstrip()[:1] == b"{" else SENTENCEPIECE
+    return HF if is_hf_tokenizer(data) else SENTENCEPIECE
 
 
 class RunTokenizer(Protocol):
@@ -116,7 +113,7 @@ def _component_types(spec: dict[str, Any] | None) -> set[str]:
 
 class HFTokenizer:
     """A tokenizer.json through the `tokenizers` library. `eos_id`: the separator the dataset or import
-    recorded; unset, the end-of-text token found in the file (END_OF_TEXT, or its only special token)."""
+    recorded; unset, the end-of-text token found in the file (END_OF_TEXT_NAMES, or its only special token)."""
 
     kind = HF
 
@@ -187,7 +184,7 @@ class HFTokenizer:
 
 def end_of_text_id(specials: dict[int, str]) -> int | None:
     by_content = {content: index for index, content in specials.items()}
-    for name in END_OF_TEXT:
+    for name in END_OF_TEXT_NAMES:
         if name in by_content:
             return by_content[name]
     return next(iter(specials)) if len(specials) == 1 else None
