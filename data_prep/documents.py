@@ -92,7 +92,7 @@ def clean_text(text: str, stats: CleanStats) -> str | None:
     if markers:
         stats.space_markers_replaced += markers
         text = text.replace(SPACE_MARKER, " ")
-    if not text.strip():
+    if not text or text.isspace():  # what `not text.strip()` says, without copying the text
         stats.empty_documents += 1
         return None
     return text

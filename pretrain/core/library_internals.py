@@ -33,6 +33,7 @@ functions: importing this module costs nothing (configs import it without torch)
 | codecarbon_countries         | CodeCarbon  | the file data/private_infra/global_energy_mix.json           |
 | wandb_records,               | W&B         | the framing of a run's `.wandb` transaction log (LevelDB's   |
 | wandb_last_history_step      |             | log format) and wandb.proto.wandb_internal_pb2.Record        |
+| sentencepiece_flat_ids       | SentencePiece | SentencePieceProcessor._processor._EncodeAsBufferBatch     |
 """
 
 from __future__ import annotations
@@ -349,3 +350,25 @@ def wandb_last_history_step(path: Path) -> int | None:
         if start <= 0:
             return None
         start -= _WANDB_BLOCK
+
+
+# ---------------------------------------------------------------------------------------------- SentencePiece
+
+
+def sentencepiece_flat_ids(processor: Any, texts: list[str]) -> Any:
+    """The ids of every text, concatenated, as one int32 NumPy array: what `processor.encode(texts,
+    num_threads=1)` gives, flattened, for a processor with its default options (no sampling, no BOS or EOS
+    added, not reversed: data_prep's encoder). None when this SentencePiece lacks the private method.
+
+    `encode(..., return_type="numpy")` (0.2.1 and later) gets one C++ buffer per text from
+    `_EncodeAsBufferBatch` and wraps each in its own array; a document cut at every line is thousands of texts,
+    and those arrays cost about 5% of the encoding. Joining the buffers' bytes costs a tenth of that."""
+    import numpy as np
+
+    method = getattr(getattr(processor, "_processor", None), "_EncodeAsBufferBatch", None)
+    if method is None:
+        return None
+    # pybind's positional order: texts, num_threads, thread_pool, enable_sampling, nbest_size, alpha, add_bos,
+    # add_eos, reverse (the defaults encode passes for a processor made without options).
+    buffers = method(texts, 1, None, False, -1, 0.1, False, False, False)
+    return np.frombuffer(b"".join(buffers), dtype=np.int32)

@@ -63,6 +63,20 @@ def test_the_demo_corpus_encodes_identically(demo_bpe: SentencePieceEncoder, dem
         assert len(demo_bpe.cuts.chunks(document)) > len(document) // (8 * CHUNK_CHARS)  # type: ignore[union-attr]
 
 
+def test_a_tokenizer_trained_on_lines_is_given_the_lines(
+    demo_bpe: SentencePieceEncoder, demo_documents: list[str]
+) -> None:
+    """No piece of it holds a newline, so every line break is a safe cut: the text goes to SentencePiece line by
+    line (its cheapest input), each line with its line break, except lines too long for one call."""
+    assert demo_bpe.cuts is not None and demo_bpe.cuts.at_line_breaks
+    document = demo_documents[0][:100_000]
+    lines = document.split("\n")
+    assert demo_bpe.cuts.chunks(document) == [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    long = "word " * 3000 + "\nshort line\n"
+    chunks = demo_bpe.cuts.chunks(long)
+    assert "".join(chunks) == long and chunks[-1] == "short line\n" and max(map(len, chunks)) < 5 * CHUNK_CHARS
+
+
 @pytest.mark.slow
 def test_the_whole_demo_corpus_encodes_identically(demo_bpe: SentencePieceEncoder, demo_documents: list[str]) -> None:
     for document in demo_documents:

@@ -378,3 +378,15 @@ def test_skip_gradient_allreduce_drops_the_gradient_all_reduce_and_trains_the_sa
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_sentencepiece_flat_ids_are_encodes_ids_concatenated(tiny_dataset: Path) -> None:
+    import numpy as np
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(tiny_dataset / "tokenizer.model"))
+    texts = ["It was the best of times,\n", "", "caf\u00e9 \u2014 na\u00efve \U0001f600\n", "\n", "zzz qq"]
+    flat = internals.sentencepiece_flat_ids(processor, texts)
+    assert flat is not None, "SentencePieceProcessor._processor._EncodeAsBufferBatch is gone"
+    expected = [i for ids in processor.encode(texts, num_threads=1) for i in ids]
+    assert flat.dtype == np.int32 and flat.tolist() == expected and len(expected) > 10
