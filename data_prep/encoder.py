@@ -10,11 +10,12 @@ so a document is encoded in chunks: its lines, or pieces of about CHUNK_CHARS ch
 characters i-1 and i leaves the ids unchanged when no piece of the vocabulary contains the two characters
 text[i-1:i+1]: BPE merges only adjacent symbols into vocabulary pieces, so no merge can then cross the cut,
 and the merges on either side happen in the same relative order (by score, then position) whether or not the
-other side is there. Our tokenizers are trained on lines, so no piece contains a newline and every line break is such a cut; a line of
-100 kB or more is cut inside too, at a space (or any other safe pair of characters). Where every line break
-is safe, the text is cut at each one: BPE's cost per character still grows with its input between a line and
-256 characters (measured on the demo books: 2.76 CPU-s for one call on their lines with their line breaks,
-3.25 s for pieces of 256 characters, 2.82 s for SentencePiece given the lines without their line breaks).
+other side is there. Our tokenizers are trained on lines, so no piece contains a newline and every line
+break is such a cut; a line of 100 kB or more is cut inside too, at a space (or any other safe pair of
+characters). Where every line break is safe, the text is cut at each one: BPE's cost per character still
+grows with its input between a line and 256 characters (measured on the demo books: 2.76 CPU-s for one call
+on their lines with their line breaks, 3.25 s for pieces of 256 characters, 2.82 s for SentencePiece given the
+lines without their line breaks).
 
 This holds only for what the BPE model sees as given: the normalizer must not rewrite text across the cut
 (identity rules, no whitespace folding, no dummy prefix added at the start of each input) and unknown
