@@ -26,7 +26,7 @@ from pretrain.core.mixture import DataSources
 from pretrain.core.model_config import ModelConfig
 from pretrain.core.run_dir import RunDir
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "bf16-weights", "fp16")
 
 
 @dataclass
@@ -191,6 +191,10 @@ class RunConfig:
     seed: int = 1234
     # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters).
     zero_stage: int = 0
+    # fp32; bf16: torch.autocast over fp32 weights (matrix products in bf16; weights, LayerNorm, softmax, the
+    # residual stream and AdamW in fp32), as a plain PyTorch loop or transformers.Trainer does mixed precision;
+    # bf16-weights: DeepSpeed's bf16 (the model's weights and activations in bf16, fp32 master weights in the
+    # optimizer: less memory, a little less accuracy); fp16: DeepSpeed's fp16 with dynamic loss scaling (GPU).
     precision: str = "fp32"
     # Recompute activations in the backward pass instead of keeping them (memory for compute), every
     # `activation_checkpointing_interval` blocks, on the plain and the pipeline path alike.
@@ -212,7 +216,9 @@ class RunConfig:
         """This config's own fields and its sections' (cross-field, dataset and world-size checks: run_problems)."""
         problems = self.model.problems()
         problems.check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
-        problems.check(self.precision in PRECISIONS, "precision", self.precision, "must be fp32, bf16 or fp16")
+        problems.check(
+            self.precision in PRECISIONS, "precision", self.precision, "must be fp32, bf16, bf16-weights or fp16"
+        )
         problems.extend(self.train.problems())
         problems.extend(self.eval.problems())
         problems.extend(self.checkpoint.problems())

@@ -7,7 +7,8 @@ In order:
     recomputed in the backward pass (torch's non-reentrant checkpoint, which replays dropout's RNG);
 (3) AdamW over two parameter groups (decay on matrices only) and the warmup + cosine schedule;
 (4) the DeepSpeed config generated from the typed run config, with `deepspeed: {...}` merged over it;
-(5) `deepspeed.initialize`, which applies ZeRO partitioning, mixed precision, gradient accumulation, and
+(5) `deepspeed.initialize`, which applies ZeRO partitioning, mixed precision (bf16: its torch.autocast around
+    the forward; bf16-weights and fp16: low-precision weights with fp32 masters), gradient accumulation, and
     returns a `PipelineEngine` for a `PipelineModule`; with one data-parallel replica at ZeRO-0 the engine's
     gradient all-reduce is switched off (it would only copy every gradient twice);
 (6) the step object the loop drives (steps.py): `PlainStep` or `PipelineStep`, with this rank's coordinate
@@ -25,6 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from common.errors import UserError
 from pretrain.core.config import RunConfig, TrainConfig
+from pretrain.core.layout import weights_precision
 from pretrain.core.library_internals import checkpoint_wrapper_tools, pipeline_grid, skip_gradient_allreduce
 from pretrain.core.model import GPT
 from pretrain.core.steps import PipelineStep, PlainStep, TrainStep
@@ -134,7 +136,7 @@ def deepspeed_config(config: RunConfig, data_parallel_size: int) -> dict[str, An
         "gradient_accumulation_steps": config.accumulation_steps(data_parallel_size),
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": config.zero_stage},
-        "bf16": {"enabled": config.precision == "bf16"},
+        "bf16": {"enabled": config.precision == "bf16-weights"},
         "fp16": {
             "enabled": config.precision == "fp16",
             "loss_scale": 0,  # dynamic loss scaling
@@ -142,6 +144,14 @@ def deepspeed_config(config: RunConfig, data_parallel_size: int) -> dict[str, An
             "loss_scale_window": 1000,
             "hysteresis": 2,
             "min_loss_scale": 1,
+        },
+        # precision=bf16: DeepSpeed's torch.autocast around the module's forward (fp32 weights, so its optimizer is
+        # the fp32 one). Gradients are all-reduced in fp32 as DDP does: DeepSpeed would reduce those of Linear
+        # layers in bf16 otherwise (`lower_precision_safe_modules`; the deepspeed key can set it).
+        "torch_autocast": {
+            "enabled": config.precision == "bf16",
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
         },
         # Our AdamW is torch's: DeepSpeed handles it under ZeRO but asks for this acknowledgement.
         "zero_allow_untested_optimizer": True,
@@ -202,7 +212,7 @@ def build_engine(model: GPT, config: RunConfig, data_parallel_size: int, device:
     train = config.train
     groups = parameter_groups(wrapped, train.weight_decay)
     settings = adamw_settings(train, device)
-    guarded = config.zero_stage == 0 and config.precision == "fp32"
+    guarded = config.zero_stage == 0 and weights_precision(config.precision) == "fp32"
     grid = pipeline_grid(wrapped)  # a PipelineModule's pipeline x data grid
     if grid is not None and (config.zero_stage >= 1 or config.precision == "fp16"):
         require_the_same_groups_on_every_stage(len(groups), config)

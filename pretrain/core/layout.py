@@ -1,7 +1,8 @@
 """How a run is laid out over its ranks, and what a checkpoint needs to resume under another layout.
 
 A layout is the ZeRO stage, the pipeline stages (and how layers are split over them), the data-parallel size,
-the precision and whether the model is compiled. A checkpoint written under one layout resumes under any
+the precision of the weights (fp32 under precision=fp32 and bf16's autocast alike) and whether the model is
+compiled. A checkpoint written under one layout resumes under any
 other: DeepSpeed loads it natively when nothing that shapes its files changed, and otherwise it is converted
 once into the portable form (pretrain/core/checkpoint_convert.py) that any layout loads (reshard.py).
 
@@ -26,11 +27,18 @@ from pretrain.core.run_dir import CheckpointDir, RunDir
 TRAINING_ONLY_MODEL_FIELDS = ("name", "dropout", "init_std", "doc_mask")
 
 
+def weights_precision(precision: str) -> str:
+    """The dtype of the model's weights in the engine and its checkpoint files under a run's `precision`:
+    bf16's autocast keeps fp32 weights (its files are fp32's), bf16-weights and fp16 hold them in low precision."""
+    return {"bf16": "fp32", "bf16-weights": "bf16"}.get(precision, precision)
+
+
 @dataclass(frozen=True)
 class Layout:
     zero_stage: int
     pipeline_stages: int
     data_parallel_size: int
+    # The weights' dtype (weights_precision): fp32, bf16 or fp16.
     precision: str
     # train.compile: torch.compile prefixes every parameter name in DeepSpeed's files with `_orig_mod.`.
     compiled: bool
@@ -47,7 +55,7 @@ class Layout:
             zero_stage=config.zero_stage,
             pipeline_stages=stages,
             data_parallel_size=config.data_parallel_size(world_size),
-            precision=config.precision,
+            precision=weights_precision(config.precision),
             compiled=config.train.compile,
             partition_method=config.parallel.partition_method if stages > 1 else "",
         )
@@ -61,7 +69,8 @@ class Layout:
             zero_stage=int(state.get("zero_stage", 0)),
             pipeline_stages=stages,
             data_parallel_size=max(1, int(state.get("world_size", 1)) // stages),
-            precision=str(config.get("precision", "fp32")),
+            # Checkpoints written before precision=bf16 meant autocast hold DeepSpeed's bf16 and no weights_precision.
+            precision=str(state.get("weights_precision") or config.get("precision", "fp32")),
             compiled=bool(config.get("train", {}).get("compile", False)),
             partition_method=str(config.get("parallel", {}).get("partition_method", "parameters"))
             if stages > 1

@@ -39,7 +39,7 @@ from pretrain.core.data import BatchLayout, eval_batches, open_sources, train_lo
 from pretrain.core.distributed import World, all_reduce_max, all_reduce_sum, raise_on_every_rank
 from pretrain.core.engine import build_train_step
 from pretrain.core.faults import Faults
-from pretrain.core.layout import starts_its_data
+from pretrain.core.layout import starts_its_data, weights_precision
 from pretrain.core.library_internals import shutdown_loader_workers
 from pretrain.core.mixture import DataSources
 from pretrain.core.model import GPT
@@ -117,7 +117,9 @@ class Trainer:
         )
         if config.precision == "fp16" and world.device.type == "cpu":
             # DeepSpeed's CPU accelerator refuses fp16 ("Type fp16 is not supported on your device").
-            raise UserError("precision=fp16 is not supported on CPU by DeepSpeed; use precision=bf16 or fp32")
+            raise UserError(
+                "precision=fp16 is not supported on CPU by DeepSpeed; use precision=bf16, bf16-weights or fp32"
+            )
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = GPT(self.model_config)
         self.step = build_train_step(model, config, world.world_size, world.rank, world.device, manifest.seq_len)
@@ -397,6 +399,7 @@ class Trainer:
             "world_size": self.world.world_size,
             "zero_stage": self.config.zero_stage,
             "pipeline_stages": self.config.parallel.pipeline_stages,
+            "weights_precision": weights_precision(self.config.precision),
             "config": to_container(self.config),
             # What a checkpoint needs to be used on its own (generate, evaluate, export): the model's shape with
             # its vocabulary, and the length of the sequences it was trained on.

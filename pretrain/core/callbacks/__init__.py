@@ -32,7 +32,7 @@ def default_callbacks(config: RunConfig, run_dir: RunDir, flops_per_token: float
     return ordered(
         [
             *guards,
-            Throughput(flops_per_token, config.precision),
+            Throughput(flops_per_token, config.precision.removesuffix("-weights")),
             CarbonTracker(config.carbon, max_steps),
             PeriodicEvaluation(config.eval.interval, config.eval.at_end),
             MetricsFile(run_dir.metrics),

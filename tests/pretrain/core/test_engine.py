@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -9,6 +13,7 @@ from pretrain.core.config import RunConfig
 from pretrain.core.engine import GuardedAdamW, adamw_settings, deepspeed_config, lr_multiplier, parameter_groups
 from pretrain.core.model import GPT
 from pretrain.core.model_config import ModelConfig
+from tests.support import REPO
 
 
 def test_weight_decay_only_on_matrices() -> None:
@@ -45,12 +50,83 @@ def test_schedule_warms_up_then_decays_to_the_floor() -> None:
 
 
 def test_deepspeed_config_follows_the_run_config_and_passthrough() -> None:
-    config = RunConfig(zero_stage=2, precision="bf16", deepspeed={"zero_optimization": {"overlap_comm": True}})
+    config = RunConfig(zero_stage=2, precision="bf16-weights", deepspeed={"zero_optimization": {"overlap_comm": True}})
     config.train.global_batch_size, config.train.micro_batch_size = 64, 4
     generated = deepspeed_config(config, data_parallel_size=4)
     assert generated["gradient_accumulation_steps"] == 4 and generated["train_batch_size"] == 64
     assert generated["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert generated["bf16"]["enabled"] and not generated["fp16"]["enabled"]
+    assert not generated["torch_autocast"]["enabled"]
+
+
+def test_bf16_is_torch_autocast_over_fp32_weights_with_fp32_gradient_reductions() -> None:
+    generated = deepspeed_config(RunConfig(zero_stage=1, precision="bf16"), data_parallel_size=2)
+    assert not generated["bf16"]["enabled"] and not generated["fp16"]["enabled"]
+    assert generated["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    # The deepspeed key can still have Linear gradients reduced in bf16 (DeepSpeed's default under autocast).
+    linear = {"torch_autocast": {"lower_precision_safe_modules": ["torch.nn.Linear"]}}
+    generated = deepspeed_config(RunConfig(precision="bf16", deepspeed=linear), data_parallel_size=2)
+    assert generated["torch_autocast"]["enabled"] and generated["torch_autocast"]["lower_precision_safe_modules"]
+
+
+def test_bf16_trains_like_a_plain_autocast_loop() -> None:
+    """precision=bf16 at ZeRO-0 on one rank: the same losses and weights, bit for bit, as a plain loop with
+    torch.autocast(bfloat16) over fp32 weights, fused AdamW, clip_grad_norm_ and LambdaLR; the matrix products run
+    in bf16 (and so the losses differ from fp32's) while every weight stays fp32."""
+    script = textwrap.dedent(
+        """
+        import copy, torch
+        from pretrain.core.config import RunConfig
+        from pretrain.core.distributed import init_distributed
+        from pretrain.core.engine import GuardedAdamW, build_train_step, lr_multiplier, parameter_groups
+        from pretrain.core.model import GPT
+        from pretrain.core.model_config import ModelConfig
+
+        init_distributed()
+        model_config = ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=16)
+        torch.manual_seed(0)
+        initial = GPT(model_config)
+        tokens = torch.randint(0, 64, (4, 4, 17), generator=torch.Generator().manual_seed(1))
+        batches = [{"input_ids": t[:, :-1], "targets": t[:, 1:], "indices": torch.arange(4)} for t in tokens]
+
+        def ours(precision):
+            config = RunConfig(precision=precision, zero_stage=0)
+            config.model = model_config
+            config.train.micro_batch_size = config.train.global_batch_size = 4
+            config.train.warmup_steps, config.train.max_steps = 2, 4
+            step = build_train_step(copy.deepcopy(initial), config, 1, 0, torch.device("cpu"), 16)
+            assert isinstance(step.engine.optimizer, GuardedAdamW), type(step.engine.optimizer)
+            seen = []
+            step.engine.module.blocks[0].mlp.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+            losses = [float(step.train(iter([batch]), [])) for batch in batches]
+            assert all(p.dtype == torch.float32 for p in step.engine.module.parameters())
+            return losses, [p.detach() for p in step.engine.module.parameters()], set(seen)
+
+        model = copy.deepcopy(initial)
+        optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95), fused=True)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, 2, 2, 0.1))
+        plain = []
+        for batch in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(batch["input_ids"], batch["targets"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            plain.append(float(loss))
+        losses, weights, dtypes = ours("bf16")
+        assert dtypes == {torch.bfloat16}, dtypes
+        assert losses == plain, (losses, plain)
+        assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters())), "weights differ"
+        fp32_losses, _, fp32_dtypes = ours("fp32")
+        assert fp32_dtypes == {torch.float32} and fp32_losses != losses
+        assert all(abs(a - b) < 0.02 * a for a, b in zip(fp32_losses, losses)), (fp32_losses, losses)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 def test_guarded_adamw_skips_a_non_finite_step_and_reports_the_norm() -> None:

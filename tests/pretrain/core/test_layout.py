@@ -11,7 +11,7 @@ import pytest
 
 from common.errors import UserError
 from pretrain.core.config import RunConfig, validate_run
-from pretrain.core.layout import Layout, resume_problems, run_model
+from pretrain.core.layout import Layout, resume_problems, run_model, weights_precision
 from pretrain.core.model_config import ModelConfig
 
 BASE = Layout(
@@ -41,15 +41,28 @@ def test_only_a_change_that_keeps_every_rank_file_loads_natively() -> None:
 
 
 def test_layout_of_a_run_and_of_its_checkpoint_agree() -> None:
-    config = RunConfig(zero_stage=1, precision="bf16")
+    from common.app import to_container
+
+    config = RunConfig(zero_stage=1, precision="bf16-weights")
     config.parallel.pipeline_stages = 2
     run = Layout.of_run(config, world_size=4)
     assert run == Layout(1, 2, 2, "bf16", False, "parameters")
+    state = {"zero_stage": 1, "pipeline_stages": 2, "world_size": 4, "config": to_container(config)}
+    assert Layout.of_checkpoint({**state, "weights_precision": "bf16"}) == run
+    # Written before precision=bf16 meant autocast: no weights_precision, and "bf16" was DeepSpeed's.
+    legacy = {**state, "config": {**state["config"], "precision": "bf16"}}
+    assert Layout.of_checkpoint(legacy) == run
+    assert run.describe() == "ZeRO-1, 2 pipeline stages x 2 data-parallel ranks, bf16"
+
+
+def test_bf16_autocast_keeps_fp32_files_so_fp32_and_bf16_resume_each_other_natively() -> None:
     from common.app import to_container
 
-    state = {"zero_stage": 1, "pipeline_stages": 2, "world_size": 4, "config": to_container(config)}
-    assert Layout.of_checkpoint(state) == run
-    assert run.describe() == "ZeRO-1, 2 pipeline stages x 2 data-parallel ranks, bf16"
+    fp32, autocast = RunConfig(zero_stage=2), RunConfig(zero_stage=2, precision="bf16")
+    assert weights_precision("bf16") == "fp32" and weights_precision("bf16-weights") == "bf16"
+    assert Layout.of_run(autocast, 2) == Layout.of_run(fp32, 2) == BASE
+    state = {"zero_stage": 2, "world_size": 2, "config": to_container(autocast), "weights_precision": "fp32"}
+    assert Layout.of_checkpoint(state).loads_natively_into(Layout.of_run(fp32, 2))
 
 
 def _run_with_checkpoint(root: Path, model: ModelConfig, tokenizer_sha256: str = "abc") -> RunConfig:

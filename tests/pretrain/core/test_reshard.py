@@ -188,16 +188,37 @@ def test_pipeline_depth_changes_from_2_to_4_to_1(four_block_reference: Path, tin
     assert_matches_reference(run, four_block_reference)
 
 
-def test_bf16_resumes_across_its_three_optimizers(reference: Path, tiny_dataset: Path, tmp_path: Path) -> None:
-    """bf16 runs keep fp32 masters in three different DeepSpeed optimizers: BF16_Optimizer (pipelines at ZeRO-0),
-    FP16_UnfusedOptimizer (ZeRO-0) and ZeRO's. The masters and moments carry exactly; the losses are bf16's."""
+def test_bf16_weights_resume_across_their_three_optimizers(reference: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    """bf16-weights runs keep fp32 masters in three different DeepSpeed optimizers: BF16_Optimizer (pipelines at
+    ZeRO-0), FP16_UnfusedOptimizer (ZeRO-0) and ZeRO's. The masters and moments carry exactly; the losses are
+    bf16's."""
     run = tmp_path / "run"
-    piece(tiny_dataset, run, 2, 4, "precision=bf16", "zero_stage=0", "parallel.pipeline_stages=2")
-    assert converted(piece(tiny_dataset, run, 1, 4, "precision=bf16", "zero_stage=0"), "step-00000004")
+    bf16 = "precision=bf16-weights"
+    piece(tiny_dataset, run, 2, 4, bf16, "zero_stage=0", "parallel.pipeline_stages=2")
+    assert converted(piece(tiny_dataset, run, 1, 4, bf16, "zero_stage=0"), "step-00000004")
     assert_state_carried(run, 4)
-    assert converted(piece(tiny_dataset, run, 2, 4, "precision=bf16", "zero_stage=3"), "step-00000008")
+    assert converted(piece(tiny_dataset, run, 2, 4, bf16, "zero_stage=3"), "step-00000008")
     assert_state_carried(run, 8)
     assert_matches_reference(run, reference, rel=1e-3)  # bf16 against the fp32 reference (measured: 7e-5)
+
+
+def test_bf16_autocast_resumes_as_fp32_natively_and_converts_to_other_layouts(
+    reference: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """precision=bf16 (torch.autocast over fp32 weights) writes fp32's files: fp32 resumes them as they are, on
+    another number of ranks too (ZeRO-0), exactly. From there a pipeline under ZeRO-1 converts and trains with
+    autocast through DeepSpeed's pipeline engine, then DeepSpeed's own bf16 weights (ZeRO-2) take over."""
+    run = tmp_path / "run"
+    piece(tiny_dataset, run, 1, 3, "precision=bf16", "zero_stage=0")
+    output = piece(tiny_dataset, run, 2, 3, "precision=fp32", "zero_stage=0")
+    assert "written with" not in output and "at step 3" in output  # DeepSpeed's own load: no conversion
+    assert_state_carried(run, 3)
+    output = piece(tiny_dataset, run, 2, 3, "precision=bf16", "zero_stage=1", "parallel.pipeline_stages=2")
+    assert converted(output, "step-00000006")
+    assert_state_carried(run, 6)
+    assert converted(piece(tiny_dataset, run, 2, 3, "precision=bf16-weights", "zero_stage=2"), "step-00000009")
+    assert_state_carried(run, 9)
+    assert_matches_reference(run, reference, rel=1e-3)
 
 
 def _files(checkpoint: Path) -> dict[str, str]:
