@@ -16,8 +16,9 @@ per second of wall-clock time over the steps after the first `--skip` (start-up,
 warm-up). Each round gives a ratio ours/bare and ours/hf; the median over rounds is the result. Targets:
 >= 0.97 of the bare loop and ahead of (> 1.0) transformers.Trainer, in fp32 and in bf16.
 
-Precision: our `precision=bf16` is DeepSpeed's bf16 (bf16 weights and activations, fp32 master weights); the
-peers' bf16 is torch.autocast over fp32 weights, the way a plain loop (and Trainer's `bf16=True`) does it.
+Precision: bf16 is torch.autocast over fp32 weights in all three: ours (`precision=bf16`, DeepSpeed's
+`torch_autocast`), a plain loop, and Trainer's `bf16=True`. DeepSpeed's own bf16 (`precision=bf16-weights`: bf16
+weights and activations, fp32 master weights) is another computation and not compared here.
 """
 
 from __future__ import annotations

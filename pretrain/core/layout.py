@@ -80,8 +80,8 @@ class Layout:
 
     @property
     def partitions_optimizer(self) -> bool:
-        """Whether the optimizer state is split over the data-parallel ranks: ZeRO 1-3, and bf16 pipelines at
-        ZeRO-0 (DeepSpeed's BF16_Optimizer partitions its fp32 copy like ZeRO-1)."""
+        """Whether the optimizer state is split over the data-parallel ranks: ZeRO 1-3, and pipelines with bf16
+        weights at ZeRO-0 (DeepSpeed's BF16_Optimizer partitions its fp32 copy like ZeRO-1)."""
         return self.zero_stage >= 1 or (self.precision == "bf16" and self.pipeline_stages > 1)
 
     def loads_natively_into(self, other: Layout) -> bool:
