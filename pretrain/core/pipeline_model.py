@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from pretrain.core.library_internals import local_layer_range, wrapper_name_parts
@@ -78,6 +80,13 @@ class PipelineLoss:
         return loss * self.multiplier if self.multiplier != 1.0 else loss
 
 
+def recompute_in_backward(function: Any, *inputs: torch.Tensor) -> Any:
+    """The pipeline's activation checkpointing: torch's non-reentrant checkpoint, whose recomputation replays the
+    forward's autocast state (precision=bf16) and RNG state (dropout). DeepSpeed's default,
+    deepspeed.checkpointing.checkpoint, would recompute outside autocast: gradients of an fp32 forward."""
+    return torch.utils.checkpoint.checkpoint(function, *inputs, use_reentrant=False)
+
+
 def build_pipeline(plain: GPT, stages: int, partition_method: str, checkpoint_interval: int):
     """A PipelineModule over `stages` stages whose layers hold `plain`'s weights."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -95,6 +104,7 @@ def build_pipeline(plain: GPT, stages: int, partition_method: str, checkpoint_in
         loss_fn=PipelineLoss(),
         partition_method=partition_method,
         activation_checkpoint_interval=checkpoint_interval,
+        activation_checkpoint_func=recompute_in_backward,
         # Only transformer blocks: the embedding's input is token ids, through which nothing can be recomputed.
         checkpointable_layers=["BlockPipe"],
     )

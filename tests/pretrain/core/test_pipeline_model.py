@@ -106,6 +106,17 @@ def test_activation_checkpointing_gives_the_same_losses(plain: Path, tiny_datase
     assert_same(losses(piped), losses(plain))
 
 
+def test_activation_checkpointing_recomputes_under_bf16_autocast(tiny_dataset: Path, tmp_path: Path) -> None:
+    """precision=bf16 through the pipeline engine: the recomputed forward runs under autocast as the first one did,
+    so the gradients, and the losses, are those without checkpointing (DeepSpeed's own checkpoint function
+    recomputes in fp32, and the losses differ from the second step on)."""
+    bf16 = ("precision=bf16", "parallel.pipeline_stages=2")
+    whole, checkpointed = tmp_path / "pipe_bf16", tmp_path / "pipe_bf16_ac"
+    run_distributed(2, "pretrain", *args(tiny_dataset, whole, *bf16))
+    run_distributed(2, "pretrain", *args(tiny_dataset, checkpointed, *bf16, "activation_checkpointing=true"))
+    assert_same(losses(checkpointed), losses(whole), rel=1e-6)
+
+
 def test_non_finite_loss_is_skipped_under_pipeline(tiny_dataset: Path, tmp_path: Path) -> None:
     run_distributed(
         2,
