@@ -48,6 +48,7 @@ format: setup
 bench: setup
 	$(PY) benchmarks/bench_prep.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_step.py
 	$(PY) benchmarks/bench_data.py
 
 clean:
