@@ -5,13 +5,13 @@ ZeRO-0 (no optimizer files to convert, and a ZeRO-0 engine cannot load one), and
 one under another ZeRO stage or pipeline depth fails or goes subtly wrong without patches (measured; README
 "Resuming on another layout"). Reading DeepSpeed's files directly is one mechanism for every layout:
 
-  ZeRO-1/2, and bf16 pipelines at ZeRO-0 (BF16_Optimizer): each data-parallel rank's optimizer file holds a
+  ZeRO-1/2, and bf16-weights pipelines at ZeRO-0 (BF16_Optimizer): each data-parallel rank's optimizer file holds a
       slice of one flat fp32 buffer per parameter group (and AdamW's moments over the same buffer);
       `param_slice_mappings` names the parameter of each fragment. A parameter is its fragments in rank order.
   ZeRO-3: each rank holds ceil(numel / ranks) elements of every parameter (the last one padded), in the order
       of `param_shapes` (DeepSpeed's own zero_to_fp32 reads it the same way).
   ZeRO-0: the optimizer is torch's AdamW (fp32: the module's weights are the masters) or DeepSpeed's
-      FP16_UnfusedOptimizer (bf16/fp16: one fp32 copy per parameter); its state is indexed by position, in the
+      FP16_UnfusedOptimizer (bf16-weights/fp16: one fp32 copy per parameter); its state is indexed by position, in the
       order `engine.parameter_groups` gave the parameters. Pipelines have one such optimizer per stage; which
       layers a stage held follows from how many parameters its optimizer has.
 
@@ -187,7 +187,7 @@ def _zero0(checkpoint: CheckpointDir, plain: GPT, layout: Layout) -> Source:
     for stage, path in files:
         saved = _load(path)
         optimizer = saved["optimizer"]
-        unfused = FP32_GROUPS in optimizer  # bf16/fp16: per-parameter fp32 copies
+        unfused = FP32_GROUPS in optimizer  # bf16-weights/fp16: per-parameter fp32 copies
         base = optimizer[OPTIMIZER_STATE_DICT] if unfused else optimizer
         index = [i for group in base["param_groups"] for i in group["params"]]
         masters = [t for group in optimizer[FP32_GROUPS] for t in group] if unfused else None

@@ -132,9 +132,9 @@ def deepspeed_checkpoint_globals() -> list[Any]:
 
 def optimizer_kind(optimizer: Any) -> str:
     """Which optimizer DeepSpeed wrapped ours in, by what it means for the master weights and AdamW's state:
-    "torch" (ZeRO-0 fp32: our AdamW itself, the module's weights are the masters), "unfused" (ZeRO-0 bf16/fp16:
-    FP16_UnfusedOptimizer, one fp32 copy per parameter), "fragments" (ZeRO-1/2, and BF16_Optimizer for bf16
-    pipelines: flat fp32 partitions that parameters map fragments of) or "zero3"."""
+    "torch" (ZeRO-0 fp32 and bf16: our AdamW itself, the module's weights are the masters), "unfused" (ZeRO-0
+    bf16-weights/fp16: FP16_UnfusedOptimizer, one fp32 copy per parameter), "fragments" (ZeRO-1/2, and
+    BF16_Optimizer for bf16-weights pipelines: flat fp32 partitions that parameters map fragments of) or "zero3"."""
     import torch
 
     name = type(optimizer).__name__

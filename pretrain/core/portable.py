@@ -5,7 +5,7 @@ a pipeline keeps one optimizer per stage, torch.compile renames every parameter.
 parameter of the plain GPT (the names of `GPT.named_parameters()`, the tied embedding once), in full shape
 and fp32:
 
-    master/<name>       the optimizer's master weight (the fp32 copy under bf16/fp16)
+    master/<name>       the optimizer's master weight (the fp32 copy under bf16-weights/fp16)
     exp_avg/<name>      AdamW's first moment
     exp_avg_sq/<name>   AdamW's second moment
 

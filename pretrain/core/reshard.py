@@ -148,7 +148,7 @@ def _new_adam_state(like: torch.Tensor, group: dict[str, Any], step: int) -> dic
 
 class _PerParameterLoader:
     """ZeRO-0: an fp32 master per parameter, the AdamW state on the masters. In fp32 (our AdamW itself) the
-    parameters are their own masters; in bf16/fp16 (FP16_UnfusedOptimizer) each has an fp32 copy."""
+    parameters are their own masters; in bf16-weights/fp16 (FP16_UnfusedOptimizer) each has an fp32 copy."""
 
     def __init__(self, base: Any, masters: dict[int, torch.Tensor]) -> None:
         self.base = base
