@@ -122,11 +122,13 @@ def main() -> None:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     systems = ["ours", "bare"]
-    if importlib.util.find_spec("transformers") is not None:
+    missing = [name for name in ("transformers", "accelerate") if importlib.util.find_spec(name) is None]
+    if not missing:
         systems.append("hf")
     else:
         print(
-            "note: transformers is not installed: the transformers.Trainer peer is skipped (pip install transformers)"
+            f"note: {' and '.join(missing)} not installed: the transformers.Trainer peer is skipped "
+            "(pip install 'transformers[torch]')"
         )
     rates: dict[tuple[str, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as temp:
