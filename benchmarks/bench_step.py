@@ -66,7 +66,7 @@ def build(system: str, initial: torch.nn.Module, model_config) -> Callable[[], f
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        return float(loss)
+        return float(loss.detach())
 
     return bare
 
