@@ -179,6 +179,8 @@ class Trainer:
             first_step, per_run = self.state.step, self.config.train.steps_per_run
             while self.state.step < self.config.train.max_steps and self.outcome is None:
                 self.watchdog.expect(f"training step {self.state.step + 1}", timeouts.step_timeout_s)
+                hang = self.state.step + 1
+                self.faults.hang_if_due(hang, self.world.is_main, self.run_dir.fault_marker(f"hang_at_step-{hang}"))
                 started = time.perf_counter()
                 self._train_step()
                 self.step_seconds += time.perf_counter() - started

@@ -26,6 +26,8 @@ from tests.launch.runs import SMALL, train_entries
 from tests.support import complete_checkpoints
 
 STEPS, INTERVAL, SPIKE = 24, 4, 6
+# Where rank 0 hangs: a training step, not a save (checkpoints follow steps 4, 8, 12, 16...).
+HANG = 15
 # Timeouts low enough for a test, high enough for a loaded 2-core machine: a hung rank is given up on after
 # STEP_TIMEOUT_S; start-up, saves and evaluations get TIMEOUT_S.
 STEP_TIMEOUT_S, TIMEOUT_S = 30, 300
@@ -121,7 +123,7 @@ def test_a_lost_node_and_a_hung_rank_stop_the_others_in_bounded_time_and_the_run
     reference: Path, tiny_dataset: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    nodes = TwoNodes(run, run_args(run, tiny_dataset), spike_env())
+    nodes = TwoNodes(run, run_args(run, tiny_dataset), {"PRETRAIN_FAULT": f"spike_loss:{SPIKE};hang_at_step:{HANG}"})
     try:
         # 1. Node 1 dies (kill -9 of its launcher, torchrun and rank) mid-run.
         nodes.wait_for_step(7)
@@ -139,12 +141,15 @@ def test_a_lost_node_and_a_hung_rank_stop_the_others_in_bounded_time_and_the_run
         report("kill -9 of a node", lost_at, t, checkpoint, step, nodes.wait_for_step(step + 1))
 
         # 2. A rank hangs (SIGSTOP: a stuck GPU, a frozen machine): the other gives up after the step timeout.
-        nodes.wait_for_step(14)
-        (hung,) = nodes[0].ranks()
-        hung_at, step = time.monotonic(), max(losses(run))
-        hung.send_signal(signal.SIGSTOP)
+        # Rank 0 stops itself as it begins step HANG (PRETRAIN_FAULT=hang_at_step): a SIGSTOP sent from here
+        # could land in a checkpoint save instead (steps take ~40 ms on a quiet machine), whose budget is
+        # TIMEOUT_S. The peer set its own deadline when it began the step, up to a step before rank 0 stopped.
+        hung_at, _ = nodes.wait_for_line(
+            rf"^fault: rank 0 stops itself \(SIGSTOP\) at the start of step {HANG}$", lost_at
+        )
+        step = HANG - 1
         t, line = nodes.wait_for_line(rf"^error: rank \d .*no progress in {STEP_TIMEOUT_S} s during", hung_at, 300)
-        assert STEP_TIMEOUT_S <= t - hung_at < STEP_TIMEOUT_S + 60, t - hung_at
+        assert STEP_TIMEOUT_S - 2 <= t - hung_at < STEP_TIMEOUT_S + 60, t - hung_at
         assert "lost or hangs" in line and "watchdog-rank" in line, line
         checkpoint = latest_step(run)
         # torchrun restarts both nodes' ranks (the hung one is killed after launcher.stop_timeout_s).
