@@ -42,16 +42,11 @@ from pretrain.core.mixture import MixtureState
 from pretrain.core.model import GPT
 from pretrain.core.run_dir import RunDir
 from pretrain.core.trained_model import TrainedModel, training_data_dirs
-from pretrain.hf.gpt import architecture, export_problems, hf_config, to_hf
+from pretrain.hf.gpt import PROBE_TEXT, architecture, export_problems, hf_config, max_logit_difference, to_hf
 
 __all__ = ["export_problems", "hf_config", "hf_state_dict"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Real text with the cases tokenizers get wrong: accents, CJK, emoji, digits, runs of spaces, tabs, newlines.
-PROBE_TEXT = (
-    "It was the best of times, it was the worst of times; the year 1775 had 365 days.\n\n"
-    "  Indented   with\tspaces and\t\ttabs — café, naïve, 你好, 😀!\n"
-)
 
 
 @dataclass
@@ -119,7 +114,7 @@ def verify(out: Path, model: GPT, tokenizer: Any, dtype: str) -> dict[str, Any]:
     # Ours with the exported precision's rounding, so only the conversion is measured.
     reference = copy.deepcopy(model).cpu().to(DTYPES[dtype]).float().eval()
     ids = torch.tensor([expected[: model.config.max_seq_len]])
-    difference = float((theirs(ids, attention_mask=torch.ones_like(ids)).logits - reference(ids)).abs().max())
+    difference = max_logit_difference(theirs, reference, ids)
     return {"architecture": type(theirs).__name__, "max_abs_logit_diff": difference, "probe_tokens": ids.shape[1]}
 
 

@@ -41,9 +41,7 @@ from pretrain.core.model_config import ModelConfig
 from pretrain.core.portable import PortableState, write_portable
 from pretrain.core.run_dir import RunDir
 from pretrain.core.run_tokenizer import FILE_NAMES, HF, HFTokenizer, end_of_text_id
-from pretrain.hf.gpt import architecture, from_hf, model_config_from_hf
-
-PROBE_TEXT = "It was the best of times, it was the worst of times; 1775.\n\n  Café, naïve — 你好 😀\ttabs  "
+from pretrain.hf.gpt import PROBE_TEXT, architecture, from_hf, max_logit_difference, model_config_from_hf
 
 
 @dataclass
@@ -154,7 +152,7 @@ def verify(hf_dir: Path, model: GPT, tokenizer: HFTokenizer) -> float:
 
     theirs = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(PROBE_TEXT)][: model.config.max_seq_len]])
-    return float((theirs(ids, attention_mask=torch.ones_like(ids)).logits - model.eval()(ids)).abs().max())
+    return max_logit_difference(theirs, model.eval(), ids)
 
 
 def checkpoint_state(run_dir: str, model: ModelConfig, tokenizer: bytes, eos: int, origin: dict[str, Any]) -> dict:

@@ -29,6 +29,18 @@ GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "
 LINEARS = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
 # Non-persistent buffers older transformers versions saved with GPT-2 (the causal mask): not weights.
 BUFFERS = (".attn.bias", ".attn.masked_bias")
+# What export and import check a conversion on: real text with the cases tokenizers get wrong (accents, CJK,
+# emoji, digits, runs of spaces, tabs, newlines).
+PROBE_TEXT = (
+    "It was the best of times, it was the worst of times; the year 1775 had 365 days.\n\n"
+    "  Indented   with\tspaces and\t\ttabs — café, naïve, 你好, 😀!\n"
+)
+
+
+@torch.no_grad()
+def max_logit_difference(theirs: Any, ours: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Largest |logit difference| between a transformers causal LM and our model on the same ids."""
+    return float((theirs(ids, attention_mask=torch.ones_like(ids)).logits - ours(ids)).abs().max())
 
 
 def architecture(config: ModelConfig) -> str:
