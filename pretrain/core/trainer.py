@@ -141,17 +141,7 @@ class Trainer:
         saved = restore(self.checkpointer, self.step.engine, latest, self.config, self.world, faults)
         self.state = TrainerState(**saved["trainer"])
         self.imported_from = saved.get("imported_from")  # kept in every checkpoint: the model card names it
-        if starts_its_data(saved):  # an imported model: its data order starts here
-            self.mixture_entry = self.sources.begin(self.config.seed)
-        else:
-            self.mixture_entry = self.sources.resume(
-                saved,
-                self.state.step,
-                self.state.consumed_samples,
-                self.config.data_reweight,
-                self.config.seed,
-                f"checkpoint {latest.path}",
-            )
+        self.mixture_entry = self._data_order_at(saved, self.state, f"checkpoint {latest.path}")
         for callback in self.callbacks:
             if callback.state_key and callback.state_key in saved.get("callbacks", {}):
                 callback.load_state_dict(saved["callbacks"][callback.state_key])
@@ -317,6 +307,15 @@ class Trainer:
         if self._rollback is None:
             self._rollback = (reason, skip_batches)
 
+    def _data_order_at(self, saved: dict[str, Any], state: TrainerState, where: str) -> dict[str, Any] | None:
+        """The data sources set to where checkpoint `saved` (trainer state `state`) left them; an imported model's
+        checkpoint starts its data order. Returns the mixture entry this invocation starts or changes to."""
+        if starts_its_data(saved):
+            return self.sources.begin(self.config.seed)
+        return self.sources.resume(
+            saved, state.step, state.consumed_samples, self.config.data_reweight, self.config.seed, where
+        )
+
     def _roll_back(self, reason: str, skip_batches: int) -> None:
         """Reload the last complete checkpoint in this process and skip data: the same state a resume from that
         checkpoint reaches, since the skip is written into it (bit-exact: engine, counters, data cursor and
@@ -332,17 +331,7 @@ class Trainer:
         state = TrainerState(**saved["trainer"])
         # The mixture as at the checkpoint (a reweight this invocation started there is applied again, from the
         # checkpoint's cursor): the skip below moves the cursor within it.
-        if starts_its_data(saved):  # back to an imported model: its data order started there
-            self.sources.begin(self.config.seed)
-        else:
-            self.sources.resume(
-                saved,
-                state.step,
-                state.consumed_samples,
-                self.config.data_reweight,
-                self.config.seed,
-                f"checkpoint {latest.path}",
-            )
+        self._data_order_at(saved, state, f"checkpoint {latest.path}")
         # At least every batch since the checkpoint: the one that spiked is never trained again.
         skipped = max(skip_batches, step - state.step) * self.layout.global_batch_size
         state.consumed_samples += skipped
