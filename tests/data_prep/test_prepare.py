@@ -82,19 +82,27 @@ class Interrupted:
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory: pytest.TempPathFactory, demo_books: Path) -> Iterator[Interrupted]:
-    """A run of the demo corpus killed with SIGKILL once its first shard is complete."""
+    """A run of the demo corpus killed with SIGKILL once slice 0 has checkpointed its first complete shard.
+
+    The run stops itself there (DATA_PREP_FAULT), so the kill lands between that checkpoint and the slice's
+    completion marker however fast the machine encodes: watching for the shard file and killing raced the
+    marker (a fast machine finished slice 0 before the kill, and the rerun had nothing to resume).
+    """
     out = tmp_path_factory.mktemp("interrupted") / "data"
     args = _demo_args(demo_books, out)
     log = out.parent / "killed-run.log"
     with open(log, "wb") as handle:
         process = subprocess.Popen(
-            [sys.executable, "-m", "data_prep", *args], cwd=REPO, stdout=handle, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "data_prep", *args],
+            cwd=REPO,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "DATA_PREP_FAULT": "stall_after_shards:0:1"},
         )
     descendants: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 300
-        first_shard = out / ".data_prep" / "slices" / "000000" / "train-000000.tar"
-        while not first_shard.exists():
+        while "slice 0 stalls after" not in log.read_text():
             assert process.poll() is None, f"the run ended before its first shard:\n{log.read_text()}"
             assert time.monotonic() < deadline, "no shard after 300 s"
             time.sleep(0.01)
