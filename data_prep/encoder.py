@@ -49,6 +49,8 @@ from pretrain.core.library_internals import sentencepiece_flat_ids
 CHUNK_CHARS = 256
 # How far past CHUNK_CHARS a line break is looked for before a long line is cut inside.
 _LINE_LOOKAHEAD = 4
+# Lines longer than this (with their line break) are cut inside (at the default chunk size).
+_LONGEST_LINE = (_LINE_LOOKAHEAD + 1) * CHUNK_CHARS
 # A text's lines, each with its line break (the last one without, if the text does not end in one).
 _LINES = re.compile(r"[^\n]*\n|[^\n]+")
 _SPACE_MARKER = "\u2581"
@@ -161,8 +163,21 @@ class SentencePieceEncoder:
         model.ParseFromString(proto)
         self.cuts = SafeCuts.of_model(model)
         self._arrays = _returns_arrays(self.processor)
+        # Where every line break is a safe cut, a line break is also one token of its own whatever surrounds it
+        # (no piece holds a newline: it is its own piece or a byte piece): its id.
+        newline = self.processor.encode("\n") if self.cuts is not None and self.cuts.at_line_breaks else []
+        self._newline: list[int] | None = newline if len(newline) == 1 else None
 
     def encode(self, text: str) -> np.ndarray:
+        if self._newline is not None:
+            # The lines without their line breaks, the newline's id put back between them as the ids are joined:
+            # about 4% fewer instructions than handing SentencePiece the line breaks (measured with callgrind on
+            # the demo books: its byte-fallback path per line, and the regex that keeps them).
+            lines = text.split("\n")
+            if max(map(len, lines)) <= _LONGEST_LINE:
+                flat = sentencepiece_flat_ids(self.processor, lines, self._newline)
+                if flat is not None:
+                    return flat.astype(np.uint32)
         pieces = [text] if self.cuts is None else self.cuts.chunks(text)
         # One call for all chunks: the batch API, on this process's one thread (the workers are the parallelism),
         # its ids as one buffer (a NumPy array per line costs about 5% of the encoding).

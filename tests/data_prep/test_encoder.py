@@ -67,8 +67,10 @@ def test_a_tokenizer_trained_on_lines_is_given_the_lines(
     demo_bpe: SentencePieceEncoder, demo_documents: list[str]
 ) -> None:
     """No piece of it holds a newline, so every line break is a safe cut: the text goes to SentencePiece line by
-    line (its cheapest input), each line with its line break, except lines too long for one call."""
+    line (its cheapest input), without the line breaks, whose one id goes back between the lines' ids; where a
+    line is too long for one call, each line with its line break and long lines cut inside."""
     assert demo_bpe.cuts is not None and demo_bpe.cuts.at_line_breaks
+    assert demo_bpe._newline == [demo_bpe.processor.piece_to_id("<0x0A>")]
     document = demo_documents[0][:100_000]
     lines = document.split("\n")
     assert demo_bpe.cuts.chunks(document) == [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])

@@ -390,3 +390,6 @@ def test_sentencepiece_flat_ids_are_encodes_ids_concatenated(tiny_dataset: Path)
     assert flat is not None, "SentencePieceProcessor._processor._EncodeAsBufferBatch is gone"
     expected = [i for ids in processor.encode(texts, num_threads=1) for i in ids]
     assert flat.dtype == np.int32 and flat.tolist() == expected and len(expected) > 10
+    between = internals.sentencepiece_flat_ids(processor, texts, [7, 8])
+    joined = [i for n, ids in enumerate(processor.encode(texts, num_threads=1)) for i in ([7, 8] if n else []) + ids]
+    assert between.tolist() == joined
