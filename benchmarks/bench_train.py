@@ -16,6 +16,11 @@ per second of wall-clock time over the steps after the first `--skip` (start-up,
 warm-up). Each round gives a ratio ours/bare and ours/hf; the median over rounds is the result. Targets:
 >= 0.97 of the bare loop and ahead of (> 1.0) transformers.Trainer, in fp32 and in bf16.
 
+Host memory: `python -m pretrain` keeps freed host memory for the next step (train.keep_host_memory, glibc malloc
+settings; without them every step's tensors are fresh mappings faulted in page by page). The peers get the
+same settings (train_peers.py --keep-host-memory), so the ratios measure the trainer's own cost against the
+fastest loop, not an allocator setting; `--host-memory default` runs all three with glibc's defaults.
+
 Precision: bf16 is torch.autocast over fp32 weights in all three: ours (`precision=bf16`, DeepSpeed's
 `torch_autocast`), a plain loop, and Trainer's `bf16=True`. DeepSpeed's own bf16 (`precision=bf16-weights`: bf16
 weights and activations, fp32 master weights) is another computation and not compared here.
@@ -49,7 +54,9 @@ def prepare_data(path: Path) -> Path:
     return path
 
 
-def ours(data: Path, model: str, precision: str, steps: int, run_dir: Path, env: dict[str, str]) -> list[float]:
+def ours(
+    data: Path, model: str, precision: str, steps: int, run_dir: Path, env: dict[str, str], keep: bool
+) -> list[float]:
     n_layer, n_head, d_model = MODELS[model]
     command = [
         sys.executable,
@@ -74,15 +81,19 @@ def ours(data: Path, model: str, precision: str, steps: int, run_dir: Path, env:
         f"precision={precision}",
         "wandb.mode=disabled",
         "carbon.enabled=false",
+        f"train.keep_host_memory={str(keep).lower()}",
     ]
     run(command, env)
     entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [e["time"] for e in entries if e["kind"] == "train"]
 
 
-def peer(system: str, data: Path, model: str, precision: str, steps: int, env: dict[str, str]) -> list[float]:
+def peer(
+    system: str, data: Path, model: str, precision: str, steps: int, env: dict[str, str], keep: bool
+) -> list[float]:
     n_layer, n_head, d_model = MODELS[model]
     command = [sys.executable, str(PEERS), system, "--data", str(data), "--precision", precision]
+    command += ["--keep-host-memory"] if keep else []
     command += ["--n-layer", str(n_layer), "--n-head", str(n_head), "--d-model", str(d_model)]
     command += ["--steps", str(steps), "--micro-batch", str(MICRO_BATCH), "--lr", str(LR), "--warmup", str(WARMUP)]
     return json.loads(run(command, env).strip().splitlines()[-1])["step_end_times"]
@@ -110,7 +121,14 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=5, help="leading steps left out of the timing")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for every system (0: torch's)")
     parser.add_argument("--data", type=Path, default=Path.home() / ".cache" / "gpt-pretrain" / "bench-data")
+    parser.add_argument(
+        "--host-memory",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: every system keeps freed host memory (ours' default); default: glibc's malloc defaults for all",
+    )
     args = parser.parse_args()
+    keep = args.host_memory == "keep"
     models = args.models.split(",")
     precisions = args.precisions.split(",")
     unknown = [m for m in models if m not in MODELS] + [p for p in precisions if p not in ("fp32", "bf16")]
@@ -140,9 +158,9 @@ def main() -> None:
                     for system in systems[shift:] + systems[:shift]:
                         if system == "ours":
                             run_dir = Path(temp) / f"run-{round_index}-{model}-{precision}"
-                            ends = ours(data, model, precision, steps, run_dir, env)
+                            ends = ours(data, model, precision, steps, run_dir, env, keep)
                         else:
-                            ends = peer(system, data, model, precision, steps, env)
+                            ends = peer(system, data, model, precision, steps, env, keep)
                         rate = tokens_per_second(ends, args.skip, seq_len)
                         rates.setdefault((model, precision, system), []).append(rate)
                         print(
@@ -153,7 +171,7 @@ def main() -> None:
     threads = args.threads or "torch's default"
     print(
         f"\nbench_train: 1 process, micro batch {MICRO_BATCH}, seq {seq_len}, {args.rounds} interleaved rounds, "
-        f"threads {threads}, {os.cpu_count()} cores, load average {os.getloadavg()[1]:.1f} (5 min)"
+        f"threads {threads}, host memory {args.host_memory}, {os.cpu_count()} cores, load average {os.getloadavg()[1]:.1f} (5 min)"
     )
     header = f"{'model':>6} {'prec':>4} | {'ours tok/s':>10} {'bare tok/s':>10}"
     header += f" {'hf tok/s':>10} |" if "hf" in systems else " |"

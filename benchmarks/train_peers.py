@@ -19,6 +19,7 @@ they picked. Each prints one JSON line: the wall-clock time at the end of every 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import json
 import math
@@ -191,7 +192,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--keep-host-memory",
+        action="store_true",
+        help="glibc malloc keeps freed memory (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD max), as `python -m pretrain` "
+        "does by default (train.keep_host_memory): no page faults on every step's fresh tensors",
+    )
     args = parser.parse_args()
+    if args.keep_host_memory:
+        libc = ctypes.CDLL("libc.so.6")
+        assert libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1, "mallopt refused"
     args.vocab = json.loads((args.data / "manifest.json").read_text())["vocab_size"]
     samples = load_samples(args.data)
     ends = (bare if args.system == "bare" else hf)(args, samples)

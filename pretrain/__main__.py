@@ -41,10 +41,13 @@ def train(config: RunConfig) -> int:
         restarts_enabled,
         shutdown,
     )
+    from pretrain.core.host_memory import keep_freed_host_memory
     from pretrain.core.run_dir import Outcome
     from pretrain.core.trainer import Trainer
 
     die_with_launcher()
+    if config.train.keep_host_memory:
+        keep_freed_host_memory()
     world = init_distributed(config.distributed.timeout_s)
     trainer = Trainer(config, sources, world)
     try:
