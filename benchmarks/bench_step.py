@@ -78,9 +78,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--systems", default="ours-fp32,bare-fp32,ours-bf16,bare-bf16,ours-bf16-weights")
     parser.add_argument("--profile", default="", help="a system to profile after the timed steps")
+    parser.add_argument(
+        "--host-memory", choices=("keep", "default"), default="keep", help="as train.keep_host_memory (all systems)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from pretrain.core.distributed import init_distributed
+    from pretrain.core.host_memory import keep_freed_host_memory
+
+    if args.host_memory == "keep":  # as `python -m pretrain` starts; one process: the same for every system
+        keep_freed_host_memory()
     from pretrain.core.model import GPT
     from pretrain.core.model_config import ModelConfig
 
