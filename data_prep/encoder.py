@@ -15,7 +15,8 @@ break is such a cut; a line of 100 kB or more is cut inside too, at a space (or 
 characters). Where every line break is safe, the text is cut at each one: BPE's cost per character still
 grows with its input between a line and 256 characters (measured on the demo books: 2.76 CPU-s for one call
 on their lines with their line breaks, 3.25 s for pieces of 256 characters, 2.82 s for SentencePiece given the
-lines without their line breaks).
+lines without their line breaks). A line break cut on both sides is one token of its own (its piece, or its
+byte piece), so the lines go without their line breaks and that id is joined back between their ids.
 
 This holds only for what the BPE model sees as given: the normalizer must not rewrite text across the cut
 (identity rules, no whitespace folding, no dummy prefix added at the start of each input) and unknown
@@ -49,7 +50,8 @@ from pretrain.core.library_internals import sentencepiece_flat_ids
 CHUNK_CHARS = 256
 # How far past CHUNK_CHARS a line break is looked for before a long line is cut inside.
 _LINE_LOOKAHEAD = 4
-# Lines longer than this (with their line break) are cut inside (at the default chunk size).
+# The longest line SafeCuts.chunks keeps whole at the default chunk size: a document with a longer line is
+# handed to chunks (its lines with their line breaks, long ones cut inside) instead of split at its newlines.
 _LONGEST_LINE = (_LINE_LOOKAHEAD + 1) * CHUNK_CHARS
 # A text's lines, each with its line break (the last one without, if the text does not end in one).
 _LINES = re.compile(r"[^\n]*\n|[^\n]+")
